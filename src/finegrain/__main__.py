@@ -1,0 +1,5 @@
+import sys
+
+from finegrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""``finegrain <command>``: each command parses flags and calls one public function.
+
+Training flags are generated from the config dataclasses (``finegrain.config``), so their help
+text lives in one place. Other packages add commands through an ``add_commands(subparsers)``
+function in the modules listed in ``_COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+_COMMAND_MODULES = (
+    "finegrain.demo",
+    "finegrain.eval.cli",
+    "finegrain.explain.cli",
+    "finegrain.deploy.cli",
+    "finegrain.serve.cli",
+    "finegrain.fewshot.cli",
+    "finegrain.data.cli",
+)
+
+
+def _base_type(tp):
+    """The scalar type of a field annotation like ``int``, ``str | None`` or ``tuple[float, ...] | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is tuple:
+        return (typing.get_args(tp)[0], len(typing.get_args(tp)))
+    return tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser, kind: type, prefix: str) -> None:
+    """One flag per field of dataclass ``kind``; dest is ``prefix.field``."""
+    hints = typing.get_type_hints(kind)
+    group = parser.add_argument_group(kind.__name__.replace("Config", "").lower())
+    for f in dataclasses.fields(kind):
+        flag = "--" + f.name.replace("_", "-")
+        dest = f"{prefix}.{f.name}"
+        metavar = f.name.upper()
+        tp = _base_type(hints[f.name])
+        help_ = f.metadata.get("help", "") + (f" (default: {f.default})" if f.default not in (None, "") else "")
+        if tp is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        elif isinstance(tp, tuple):
+            group.add_argument(flag, dest=dest, type=tp[0], nargs=tp[1], default=argparse.SUPPRESS, help=help_, metavar=metavar)
+        else:
+            group.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, help=help_, metavar=metavar)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Build a RunConfig: defaults, then ``--config FILE``, then explicit flags."""
+    import yaml
+
+    base = RunConfig().to_dict()
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        for section, values in loaded.items():
+            if section not in base or not isinstance(values, dict):
+                raise ValueError(f"{path}: unknown section {section!r}; expected data, model, train")
+            base[section].update(values)
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            base[section][name] = value
+    return RunConfig.from_dict(base)
+
+
+def _cmd_train(args) -> int:
+    from finegrain.train.run import fit
+
+    result = fit(config_from_args(args))
+    print(json.dumps({"run_dir": str(result.run_dir), "best_checkpoint": str(result.best_checkpoint),
+                      "best_epoch": result.best_epoch, "best_val_top1": result.best_val_top1,
+                      "interrupted": result.interrupted}, indent=1))
+    return 130 if result.interrupted else 0
+
+
+def _cmd_predict(args) -> int:
+    from finegrain.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta_flip=args.tta_flip)
+    results = predictor.predict(args.images, topk=args.topk)
+    if not results:
+        raise FileNotFoundError(f"no images found in {args.images}")
+    if args.format == "json":
+        print(json.dumps(results, indent=1))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "rank", "class", "index", "score", "error"])
+        for r in results:
+            for rank, t in enumerate(r.get("topk", []), 1):
+                w.writerow([r["path"], rank, t["class"], t["index"], t["score"], ""])
+            if "error" in r:
+                w.writerow([r["path"], "", "", "", "", r["error"]])
+    else:
+        from rich.table import Table
+
+        from finegrain.utils import console
+
+        t = Table()
+        t.add_column("image")
+        t.add_column(f"top-{args.topk}")
+        for r in results:
+            t.add_row(r["path"], r["error"] if "error" in r else ", ".join(f"{x['class']} {x['score']:.3f}" for x in r["topk"]))
+        console.print(t)
+    return 1 if all("error" in r for r in results) else 0
+
+
+def _cmd_list_backbones(args) -> int:
+    import timm
+
+    names = timm.list_models(args.pattern or "*", pretrained=args.pretrained)
+    print("\n".join(names))
+    return 0
+
+
+def _cmd_datasets(args) -> int:
+    from finegrain.data.base import DATASETS
+    import finegrain.data.benchmarks  # noqa: F401
+
+    for name in DATASETS.names():
+        doc = (DATASETS.get(name).__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finegrain", description="Fine-grained image recognition.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier (validation split carved from train)")
+    p.add_argument("--config", help="YAML file with data/model/train sections; flags override it")
+    for kind, prefix in ((DataConfig, "data"), (ModelConfig, "model"), (TrainConfig, "train")):
+        add_config_flags(p, kind, prefix)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="top-k classes of images or folders of images")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--tta-flip", action="store_true", help="average with the mirrored image")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("list-backbones", help="timm backbone names matching a pattern")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.add_argument("--pretrained", action="store_true", help="only those with hub weights")
+    p.set_defaults(func=_cmd_list_backbones)
+
+    p = sub.add_parser("datasets", help="list the dataset readers")
+    p.set_defaults(func=_cmd_datasets)
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):  # that part is not in this build
+                continue
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one clear line and exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
+        from finegrain.utils import console
+
+        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Typed configuration for a run.
+
+Each field carries its help text in ``metadata["help"]``; the CLI turns every field into a flag
+(``--img-size``) with that text, and a run folder stores the config as YAML. Checks name the flag
+to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read and augmented."""
+
+    data: str = _f("", "image folder, CSV file or benchmark root")
+    dataset: str | None = _f(None, "reader name (folder, csv, cub, nabirds, dogs, cars, aircraft, flowers102); guessed from --data if unset")
+    download: bool = _f(False, "download the benchmark into --data if it is missing (needs internet)")
+    img_size: int = _f(448, "training and evaluation crop size in pixels")
+    val_fraction: float = _f(0.1, "fraction of each training class held out for validation (model selection, early stopping)")
+    split_seed: int = _f(0, "seed of the validation split")
+    batch_size: int = _f(32, "images per step (before gradient accumulation)")
+    workers: int = _f(min(8, os.cpu_count() or 1), "data loading processes")
+    augment: str = _f("basic", "extra augmentation after crop+flip: none, basic, colorjitter, randaugment, trivialaugment")
+    scale_min: float = _f(0.25, "smallest area fraction of RandomResizedCrop")
+    cutmix: float = _f(0.0, "CutMix alpha (0 turns it off)")
+    mixup: float = _f(0.0, "MixUp alpha (0 turns it off)")
+    mix_prob: float = _f(0.5, "probability that a batch gets CutMix/MixUp when either is on")
+    mean: tuple[float, float, float] | None = _f(None, "normalisation mean; default: the backbone's pretrained config")
+    std: tuple[float, float, float] | None = _f(None, "normalisation std; default: the backbone's pretrained config")
+
+    def check(self) -> None:
+        if not self.data:
+            raise ValueError("no data given: pass --data PATH (an image folder, a CSV file or a benchmark root)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.img_size < 32:
+            raise ValueError(f"--img-size must be at least 32, got {self.img_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        if not 0.0 < self.scale_min <= 1.0:
+            raise ValueError(f"--scale-min must be in (0, 1], got {self.scale_min}")
+        if self.cutmix < 0 or self.mixup < 0:
+            raise ValueError("--cutmix and --mixup are Beta alphas and must be >= 0")
+
+
+AUGMENTS = ("none", "basic", "colorjitter", "randaugment", "trivialaugment")
+
+
+@dataclass
+class ModelConfig:
+    """The network: a timm backbone and the task that trains it."""
+
+    backbone: str = _f("resnet50", "any timm model name (finegrain list-backbones, or timm.list_models())")
+    pretrained: str = _f("hub", "'hub' (timm download), 'none', or a local .safetensors/.pth/.bin file")
+    task: str = _f("supervised", "training task (method); see finegrain.TASKS")
+    drop_rate: float = _f(0.0, "dropout before the classifier")
+    drop_path_rate: float = _f(0.0, "stochastic depth rate (backbones that support it)")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe and where the run goes."""
+
+    epochs: int = _f(30, "training epochs")
+    optimizer: str = _f("adamw", "sgd, adamw, adam or rmsprop")
+    lr: float = _f(1e-3, "learning rate of the head, for --batch-size 32 (scaled linearly with the effective batch)")
+    backbone_lr_mult: float = _f(0.1, "the backbone's learning rate is lr times this")
+    weight_decay: float = _f(0.05, "weight decay (not applied to norms and biases)")
+    momentum: float = _f(0.9, "SGD/RMSprop momentum")
+    warmup_epochs: float = _f(1.0, "linear warmup length in epochs, then cosine decay to zero")
+    label_smoothing: float = _f(0.1, "cross-entropy label smoothing")
+    clip_grad: float = _f(0.0, "clip the gradient norm to this value (0 turns it off)")
+    accum_steps: int = _f(1, "gradient accumulation steps")
+    ema: bool = _f(False, "keep an exponential moving average of the weights and evaluate it")
+    ema_decay: float = _f(0.998, "EMA decay per optimizer step")
+    amp: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
+    channels_last: bool = _f(True, "channels_last memory format")
+    compile: bool = _f(False, "torch.compile the model")
+    patience: int = _f(0, "stop after this many epochs without validation improvement (0 turns it off)")
+    seed: int = _f(0, "seed of initialisation, shuffling and augmentation")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    out: str = _f("runs", "folder that holds run folders")
+    name: str | None = _f(None, "run folder name (default: backbone-dataset-time)")
+    resume: str | None = _f(None, "run folder or last checkpoint to continue exactly")
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.accum_steps < 1:
+            raise ValueError(f"--accum-steps must be at least 1, got {self.accum_steps}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+
+
+OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self) -> None:
+        self.data.check()
+        self.train.check()
+        if self.data.val_fraction == 0 and self.train.patience:
+            raise ValueError("--patience needs a validation split: drop --patience or set --val-fraction > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        def build(kind, values):
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return kind(**values)
+
+        return cls(
+            data=build(DataConfig, d.get("data", {})),
+            model=build(ModelConfig, d.get("model", {})),
+            train=build(TrainConfig, d.get("train", {})),
+        )

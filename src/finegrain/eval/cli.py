@@ -1,0 +1,27 @@
+"""``finegrain eval``."""
+
+from __future__ import annotations
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("eval", help="metrics of a checkpoint on a split (explicitly: --split test)")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("--data", required=True, help="image folder, CSV or benchmark root")
+    p.add_argument("--dataset", default=None, help="reader name; guessed from --data if unset")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--tta-flip", action="store_true", help="average with the mirrored image (named in the results)")
+    p.add_argument("--out", default=None, help="output folder (default: eval-SPLIT beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from finegrain.eval.evaluate import evaluate, print_summary
+
+    m = evaluate(args.checkpoint, args.data, split=args.split, dataset=args.dataset, tta_flip=args.tta_flip,
+                 out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device)
+    print_summary(m)
+    print(f"results written to {m['out_dir']}")
+    return 0

@@ -1,0 +1,91 @@
+"""``evaluate``: metrics of a checkpoint on a data split, written as JSON, CSV and PNG."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from finegrain.data.datasets import open_dataset
+from finegrain.data.loader import ImageDataset, collate
+from finegrain.eval.metrics import (
+    classification_metrics,
+    save_confusion_matrix_png,
+    write_confusion_csv,
+    write_per_class_csv,
+)
+from finegrain.predict import Predictor
+from finegrain.train.checkpoint import resolve_checkpoint
+from finegrain.train.loop import predict_loader
+from finegrain.utils import console, progress_bar
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    dataset: str | None = None,
+    tta_flip: bool = False,
+    out_dir: str | Path | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "auto",
+) -> dict:
+    """Evaluate ``checkpoint`` on ``split`` of ``data`` and write the results.
+
+    Writes ``results.json`` (all metrics, the checkpoint, data and TTA used), ``per_class.csv``,
+    ``confusion.csv`` and ``confusion.png`` into ``out_dir`` (default: ``eval-<split>`` beside the
+    checkpoint). Class names of the data must match the checkpoint's.
+
+    Returns:
+        The metrics dict (see :func:`finegrain.eval.metrics.classification_metrics`).
+    """
+    path = resolve_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(path, device=device, tta_flip=tta_flip)
+    images = open_dataset(data, split, dataset=dataset)
+    if images.classes != predictor.classes:
+        extra = sorted(set(images.classes) - set(predictor.classes))[:5]
+        raise ValueError(
+            f"the classes of {data} ({len(images.classes)}) differ from the checkpoint's ({len(predictor.classes)})"
+            + (f"; unknown to the model: {extra}" if extra else "")
+            + ". Evaluate on the data set the model was trained on."
+        )
+    loader = DataLoader(ImageDataset(images, predictor.transform), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    t0 = time.perf_counter()
+    with progress_bar(f"eval {split}", total=len(images)) as bar:
+        logits, labels, skipped = predict_loader(predictor.task.predict, loader, device=predictor.device,
+                                                 tta_flip=tta_flip, on_batch=bar.advance)
+    seconds = time.perf_counter() - t0
+    metrics = classification_metrics(logits, labels, images.classes)
+    metrics.update({
+        "checkpoint": str(path), "data": str(data), "split": split, "tta": "hflip" if tta_flip else "none",
+        "skipped": [p for p, _ in skipped], "seconds": seconds, "images_per_s": len(labels) / max(seconds, 1e-9),
+    })
+    out = Path(out_dir) if out_dir else path.parent / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(metrics, indent=1))
+    write_per_class_csv(metrics, out / "per_class.csv")
+    write_confusion_csv(metrics["confusion_matrix"], images.classes, out / "confusion.csv")
+    save_confusion_matrix_png(metrics["confusion_matrix"], images.classes, out / "confusion.png")
+    metrics["out_dir"] = str(out)
+    return metrics
+
+
+def print_summary(metrics: dict, n_pairs: int = 5) -> None:
+    """A short table of the headline metrics and the most confused pairs."""
+    from rich.table import Table
+
+    t = Table(title=f"{metrics['split']} ({metrics['n']} images, TTA {metrics['tta']})")
+    for col in ("top-1", "top-5", "mean per-class", "macro P", "macro R", "macro F1"):
+        t.add_column(col, justify="right")
+    t.add_row(*(f"{metrics[k]:.2f}" for k in ("top1", "top5", "mean_per_class_acc", "macro_precision", "macro_recall", "macro_f1")))
+    console.print(t)
+    if metrics["most_confused"]:
+        console.print("most confused (true -> predicted):")
+        for p in metrics["most_confused"][:n_pairs]:
+            console.print(f"  {p['true']} -> {p['predicted']}: {p['count']} ({p['rate']:.1f}%)")
+    if metrics.get("skipped"):
+        console.print(f"[yellow]{len(metrics['skipped'])} unreadable images skipped")

@@ -1,0 +1,62 @@
+"""A Task is an ``nn.Module`` whose ``forward(batch)`` returns at least ``{"loss", "logits"}``.
+
+Every method (plain supervised training, WS-DAN, distillation, ...) is a Task, and all of them
+share the one training loop in :mod:`finegrain.train.loop`. ``predict(images)`` is the
+inference path without training-only branches; the Predictor and exporters call only it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from finegrain.registry import Registry
+
+TASKS: Registry[type["Task"]] = Registry("task")
+
+
+class Task(nn.Module):
+    """Base class. Subclasses wrap ``self.model`` (a timm-contract backbone with a classifier).
+
+    Args:
+        model: the network.
+        num_classes: number of classes.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of normalised images (inference only)."""
+        return self.model(images)
+
+    def task_args(self) -> dict[str, Any]:
+        """Keyword arguments needed to rebuild this task from a checkpoint (JSON-serialisable)."""
+        return {}
+
+    def new_parameter_names(self) -> set[str]:
+        """Names of parameters that start untrained (they get the full learning rate)."""
+        names = set()
+        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
+        head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+        for n, p in self.named_parameters():
+            if not n.startswith("model.") or id(p) in head_ids:
+                names.add(n)
+        return names
+
+
+def build_task(name: str, model: nn.Module, num_classes: int, **kwargs: Any) -> Task:
+    """Build the registered task ``name`` around ``model``."""
+    return TASKS.get(name)(model, num_classes, **kwargs)

@@ -1,0 +1,135 @@
+"""The one training loop: ``train_one_epoch`` and ``predict_loader``, shared by every Task."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from finegrain.data.transforms import BatchMixer
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU bf16 is slower than fp32 here)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def train_one_epoch(
+    task: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    device: torch.device,
+    forward: Callable | None = None,
+    mixer: BatchMixer | None = None,
+    accum_steps: int = 1,
+    clip_grad: float = 0.0,
+    ema=None,
+    amp: bool = True,
+    channels_last: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train ``task`` for one pass over ``loader``.
+
+    Loss and accuracy are summed on the device and read once at the end (no per-step host
+    sync), except when ``on_step`` asks for progress every few steps.
+
+    Returns:
+        dict with ``loss``, ``acc`` (percent, against the un-mixed labels), ``images``,
+        ``seconds``, ``images_per_s`` and ``skipped`` (list of ``(path, error)``).
+    """
+    forward = forward or task
+    task.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, skipped, step = 0, [], 0
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        skipped += batch["skipped"]
+        if batch["image"] is None:
+            continue
+        images = to_device(batch["image"], device, channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        target = labels
+        if mixer is not None and mixer.active:
+            images, target = mixer(images, labels)
+        with autocast(device, amp):
+            out = forward({"image": images, "label": labels, "target": target})
+        (out["loss"] / accum_steps).backward()
+        if (i + 1) % accum_steps == 0:
+            step += 1
+            _optimizer_step(task, optimizer, scheduler, clip_grad, ema)
+        n = labels.shape[0]
+        seen += n
+        loss_sum += out["loss"].detach() * n
+        correct += (out["logits"].detach().argmax(1) == labels).sum()
+        if on_step is not None:
+            on_step(n, {"loss": loss_sum, "correct": correct, "seen": seen})
+    if seen and (i + 1) % accum_steps != 0:  # flush a partial accumulation at the end of the epoch
+        _optimizer_step(task, optimizer, scheduler, clip_grad, ema)
+    seconds = time.perf_counter() - t0
+    return {
+        "loss": (loss_sum / max(seen, 1)).item(),
+        "acc": 100.0 * correct.item() / max(seen, 1),
+        "images": seen,
+        "seconds": seconds,
+        "images_per_s": seen / max(seconds, 1e-9),
+        "skipped": skipped,
+    }
+
+
+def _optimizer_step(task, optimizer, scheduler, clip_grad, ema) -> None:
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(task.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    if ema is not None:
+        ema.update(task)
+
+
+@torch.no_grad()
+def predict_loader(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    loader,
+    *,
+    device: torch.device,
+    amp: bool = True,
+    channels_last: bool = False,
+    tta_flip: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Run ``predict`` over a loader; return ``(logits [N, C] float32 on CPU, labels [N], skipped)``.
+
+    With ``tta_flip`` the logits are the mean over the image and its horizontal mirror.
+    """
+    all_logits, all_labels, skipped = [], [], []
+    for batch in loader:
+        skipped += batch["skipped"]
+        if batch["image"] is None:
+            continue
+        images = to_device(batch["image"], device, channels_last)
+        with autocast(device, amp):
+            logits = predict(images).float()
+            if tta_flip:
+                logits = (logits + predict(torch.flip(images, dims=[3])).float()) / 2
+        all_logits.append(logits.to("cpu", non_blocking=True))
+        all_labels.append(batch["label"])
+        if on_batch is not None:
+            on_batch(batch["label"].shape[0])
+    if not all_logits:
+        raise ValueError("no readable images to evaluate")
+    return torch.cat(all_logits), torch.cat(all_labels), skipped

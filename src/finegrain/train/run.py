@@ -1,0 +1,323 @@
+"""``fit``: build everything from a ``RunConfig``, train with the one loop, keep the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader, Sampler
+
+from finegrain.config import RunConfig
+from finegrain.data.base import ImageList
+from finegrain.data.datasets import open_dataset
+from finegrain.data.loader import ImageDataset, collate, load_split, save_split, stratified_split
+from finegrain.data.transforms import BatchMixer, eval_transform, train_transform
+from finegrain.models.backbone import create_backbone, data_config
+from finegrain.tasks import build_task
+from finegrain.train import checkpoint as ckpt
+from finegrain.train.loop import predict_loader, train_one_epoch
+from finegrain.train.optim import build_optimizer, build_scheduler
+from finegrain.utils import console, progress_bar, resolve_device
+
+
+@dataclass
+class RunResult:
+    """What ``fit`` returns: the run folder and the best validation metrics."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    best_epoch: int
+    best_val_top1: float | None
+    epochs_run: int
+    stopped_early: bool
+    interrupted: bool
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order that depends only on (seed, epoch), optionally starting part-way in."""
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def build_task_from_config(cfg: RunConfig, num_classes: int, *, pretrained: str | None = None):
+    """The backbone and task a run config describes (``pretrained`` overrides the config's)."""
+    m = cfg.model
+    model = create_backbone(
+        m.backbone,
+        num_classes=num_classes,
+        pretrained=m.pretrained if pretrained is None else pretrained,
+        drop_rate=m.drop_rate,
+        drop_path_rate=m.drop_path_rate,
+    )
+    return build_task(m.task, model, num_classes, label_smoothing=cfg.train.label_smoothing)
+
+
+def preprocessing(cfg: RunConfig, model) -> dict:
+    """Eval preprocessing stored in checkpoints: size, mean/std (config overrides pretrained cfg)."""
+    dc = data_config(model)
+    return {
+        "img_size": cfg.data.img_size,
+        "mean": list(cfg.data.mean or dc["mean"]),
+        "std": list(cfg.data.std or dc["std"]),
+        "crop_pct": dc["crop_pct"],
+        "interpolation": dc["interpolation"],
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _new_run_dir(cfg: RunConfig) -> Path:
+    name = cfg.train.name or f"{cfg.model.backbone}-{Path(cfg.data.data).stem or 'data'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.train.out) / name
+    if (run_dir / "last.safetensors").exists():
+        raise FileExistsError(f"run folder {run_dir} already holds a run: pass --resume {run_dir} or another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _resume_paths(resume: str) -> Path:
+    p = Path(resume)
+    run_dir = p.parent if p.is_file() else p
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume {resume}: no config.yaml in {run_dir}; give the run folder of an earlier run")
+    return run_dir
+
+
+class _Logger:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except Exception:  # noqa: BLE001  (TensorBoard is optional)
+            self.tb = None
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+
+
+def fit(cfg: RunConfig, *, max_epochs: int | None = None) -> RunResult:
+    """Train a model as ``cfg`` says and keep everything in a run folder.
+
+    The validation split is carved from the training images (stratified, seeded) and saved as
+    ``split.json``; the test split is never read here. ``best.safetensors`` is the epoch with the
+    best validation top-1 (the last epoch when there is no validation split).
+
+    Args:
+        cfg: the run configuration; with ``cfg.train.resume`` set, the saved config of that run
+            folder is used and training continues from ``last.safetensors``.
+        max_epochs: train at most this many epochs in this call and return; the run stays
+            resumable (used to split a run across jobs, and by the resume tests).
+    """
+    if cfg.train.resume:
+        run_dir = _resume_paths(cfg.train.resume)
+        saved = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        saved.train.resume = cfg.train.resume
+        cfg = saved
+    cfg.check()
+    device = resolve_device(cfg.train.device)
+    _seed_everything(cfg.train.seed)
+
+    images = open_dataset(cfg.data.data, "train", dataset=cfg.data.dataset, download=cfg.data.download)
+    run_dir = run_dir if cfg.train.resume else _new_run_dir(cfg)
+    split_file = run_dir / "split.json"
+    if split_file.exists():
+        train_idx, val_idx = load_split(split_file, images)
+    else:
+        train_idx, val_idx = stratified_split(images.labels, cfg.data.val_fraction, cfg.data.split_seed)
+        save_split(split_file, images, train_idx, val_idx, fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    train_set, val_set = images.subset(train_idx), images.subset(val_idx)
+    empty = [c for c, n in zip(images.classes, train_set.class_counts()) if n == 0]
+    if empty:
+        raise ValueError(f"classes with no training images after the validation split: {empty[:10]}; add images or lower --val-fraction")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    num_classes = len(images.classes)
+    task = build_task_from_config(cfg, num_classes, pretrained="none" if cfg.train.resume else None)
+    prep = preprocessing(cfg, task.model)
+    task.to(device)
+    if cfg.train.channels_last:
+        task.to(memory_format=torch.channels_last)
+    forward = torch.compile(task) if cfg.train.compile else task
+
+    t_train = train_transform(cfg.data.img_size, mean=prep["mean"], std=prep["std"], scale_min=cfg.data.scale_min,
+                              augment=cfg.data.augment, interpolation=prep["interpolation"])
+    t_eval = eval_transform(cfg.data.img_size, mean=prep["mean"], std=prep["std"], crop_pct=prep["crop_pct"],
+                            interpolation=prep["interpolation"])
+    bs, accum = cfg.data.batch_size, cfg.train.accum_steps
+    steps_per_epoch = max(1, len(train_set) // bs // accum)
+    lr = cfg.train.lr * bs * accum / 32
+    optimizer = build_optimizer(task, cfg.train, lr=lr, fused=device.type == "cuda" and cfg.train.optimizer != "rmsprop")
+    scheduler = build_scheduler(optimizer, total_steps=cfg.train.epochs * steps_per_epoch,
+                                warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch))
+    mixer = BatchMixer(num_classes, cutmix=cfg.data.cutmix, mixup=cfg.data.mixup, prob=cfg.data.mix_prob)
+    ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(task, decay=cfg.train.ema_decay)
+
+    start_epoch, start_step, best_top1, best_epoch, bad_epochs = 0, 0, None, -1, 0
+    if cfg.train.resume:
+        sd, meta = ckpt.load_checkpoint(run_dir / "last.safetensors")
+        state = ckpt.load_train_state(run_dir / "last.state.pt")
+        if state["epoch"] != meta["epoch"] or state.get("step", 0) != meta.get("step", 0):
+            raise ValueError(f"{run_dir}: last.safetensors and last.state.pt are from different epochs; cannot resume exactly")
+        task.load_state_dict(sd)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, start_step = state["epoch"], state.get("step", 0)
+        best_top1, best_epoch, bad_epochs = state["best_top1"], state["best_epoch"], state["bad_epochs"]
+        _set_rng_state(state["rng"])
+        console.print(f"resuming {run_dir} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
+
+    logger = _Logger(run_dir)
+    skipped: dict[str, str] = {}
+    base_meta = {
+        "task": cfg.model.task,
+        "task_args": task.task_args(),
+        "model": dataclasses.asdict(cfg.model),
+        "num_classes": num_classes,
+        "classes": images.classes,
+        "preprocessing": prep,
+        "config": cfg.to_dict(),
+    }
+
+    def save_last(epoch: int, step: int, metrics: dict) -> None:
+        # State first, weights second: a crash between the two leaves an epoch mismatch that resume detects.
+        ckpt.save_train_state(run_dir / "last.state.pt", {
+            "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(),
+            "best_top1": best_top1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+        })
+        ckpt.save_checkpoint(run_dir / "last.safetensors", task.state_dict(), {**base_meta, "epoch": epoch, "step": step, "metrics": metrics})
+
+    eval_module = ema.module if ema is not None else task
+    interrupted = stopped_early = False
+    epoch = start_epoch
+    previous_handler = signal.getsignal(signal.SIGINT)
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            torch.manual_seed(cfg.train.seed * 7919 + epoch)
+            sampler = EpochSampler(len(train_set), cfg.train.seed, epoch, start_step * bs * accum)
+            loader = DataLoader(ImageDataset(train_set, t_train), batch_size=bs, sampler=sampler,
+                                num_workers=cfg.data.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                                drop_last=len(train_set) > bs,
+                                generator=torch.Generator().manual_seed(cfg.train.seed * 31 + epoch))
+            done_steps = [start_step]
+            with progress_bar(f"epoch {epoch + 1}/{cfg.train.epochs}", total=len(sampler)) as bar:
+                def on_step(n, acc, _bar=bar):
+                    done_steps[0] += 1
+                    if done_steps[0] % 5 == 0:
+                        _bar.advance(n, loss=(acc["loss"] / acc["seen"]).item(), acc=100 * acc["correct"].item() / acc["seen"])
+                    else:
+                        _bar.advance(n)
+
+                tr = train_one_epoch(task, loader, optimizer, scheduler, device=device, forward=forward, mixer=mixer,
+                                     accum_steps=accum, clip_grad=cfg.train.clip_grad, ema=ema, amp=cfg.train.amp,
+                                     channels_last=cfg.train.channels_last, on_step=on_step)
+            start_step = 0
+            for path, err in tr.pop("skipped"):
+                skipped[path] = err
+            row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "lr": optimizer.param_groups[-1]["lr"],
+                   "images_per_s": tr["images_per_s"], "epoch_seconds": tr["seconds"], "skipped_images": len(skipped)}
+            if len(val_set):
+                row.update(_validate(eval_module, val_set, t_eval, cfg, device))
+            logger.log(row)
+            _print_epoch(row)
+            improved = len(val_set) == 0 or best_top1 is None or row["val_top1"] > best_top1
+            if improved:
+                best_top1, best_epoch, bad_epochs = row.get("val_top1"), epoch + 1, 0
+                ckpt.save_checkpoint(run_dir / "best.safetensors", eval_module.state_dict(),
+                                     {**base_meta, "epoch": epoch + 1, "step": 0, "metrics": row})
+            else:
+                bad_epochs += 1
+            save_last(epoch + 1, 0, row)
+            if skipped:
+                _write_skipped(run_dir, skipped)
+            if max_epochs is not None and epoch + 1 - start_epoch >= max_epochs:
+                break
+            if cfg.train.patience and bad_epochs >= cfg.train.patience:
+                stopped_early = True
+                console.print(f"early stop: no validation improvement for {bad_epochs} epochs")
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the save
+        save_last(epoch, done_steps[0] if "done_steps" in locals() else 0, {"interrupted": True})
+        console.print(f"[yellow]interrupted: saved a resumable checkpoint; continue with `finegrain train --resume {run_dir}`")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if skipped:
+        _write_skipped(run_dir, skipped)
+        console.print(f"[yellow]{len(skipped)} unreadable images were skipped; list in {run_dir / 'skipped_images.txt'}")
+    best = run_dir / "best.safetensors"
+    return RunResult(run_dir, best, best_epoch, best_top1, epoch + 1, stopped_early, interrupted)
+
+
+@torch.no_grad()
+def _validate(module, val_set: ImageList, transform, cfg: RunConfig, device) -> dict:
+    module.eval()
+    loader = DataLoader(ImageDataset(val_set, transform), batch_size=cfg.data.batch_size * 2,
+                        num_workers=cfg.data.workers, collate_fn=collate)
+    logits, labels, _ = predict_loader(module.predict, loader, device=device, amp=cfg.train.amp,
+                                       channels_last=cfg.train.channels_last)
+    return {"val_loss": F.cross_entropy(logits, labels).item(),
+            "val_top1": 100.0 * (logits.argmax(1) == labels).float().mean().item()}
+
+
+def _print_epoch(row: dict) -> None:
+    msg = f"epoch {row['epoch']}: loss {row['train_loss']:.3f} train acc {row['train_acc']:.1f}%"
+    if "val_top1" in row:
+        msg += f" | val loss {row['val_loss']:.3f} val top-1 {row['val_top1']:.2f}%"
+    console.print(msg + f" | {row['images_per_s']:.1f} img/s")
+
+
+def _write_skipped(run_dir: Path, skipped: dict[str, str]) -> None:
+    (run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{e}\n" for p, e in sorted(skipped.items())))

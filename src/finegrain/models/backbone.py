@@ -102,12 +102,12 @@ def create_backbone(
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained == "hub":
         model = timm.create_model(name, pretrained=True, **kwargs)
+        if model.pretrained_cfg.get("num_classes") != num_classes:
+            init_classifier(model)
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
-        if pretrained not in ("none", "", None):
-            load_pretrained_file(model, pretrained)
-    if pretrained not in ("none", "", None):
-        init_classifier(model)
+        if pretrained not in ("none", "", None) and load_pretrained_file(model, pretrained):
+            init_classifier(model)  # the file's classifier did not fit: a new head
     return model
 
 

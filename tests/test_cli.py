@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from finegrain.cli import main
+
+
+def test_train_eval_predict_end_to_end(image_folder, tmp_path, capsys):
+    out = tmp_path / "runs"
+    rc = main(["train", "--data", str(image_folder), "--backbone", "test_resnet", "--pretrained", "none",
+               "--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2", "--lr", "3e-3",
+               "--warmup-epochs", "0", "--device", "cpu", "--out", str(out), "--name", "e2e"])
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out)
+    run_dir = out / "e2e"
+    assert info["run_dir"] == str(run_dir) and (run_dir / "best.safetensors").is_file()
+
+    rc = main(["eval", str(run_dir), "--data", str(image_folder), "--split", "test", "--tta-flip", "--workers", "0", "--device", "cpu"])
+    assert rc == 0
+    results = json.loads((run_dir / "eval-test" / "results.json").read_text())
+    assert results["n"] == 9 and results["tta"] == "hflip" and results["split"] == "test"
+    assert 0 <= results["top1"] <= 100 and len(results["confusion_matrix"]) == 3
+    for name in ("per_class.csv", "confusion.csv", "confusion.png"):
+        assert (run_dir / "eval-test" / name).stat().st_size > 0
+    capsys.readouterr()
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    rc = main(["predict", str(run_dir / "best.safetensors"), str(image_folder / "test" / "red"), str(bad),
+               "--topk", "2", "--format", "json", "--device", "cpu"])
+    assert rc == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert len(preds) == 4
+    assert "error" in preds[-1] and "cannot read image" in preds[-1]["error"]
+    for p in preds[:3]:
+        assert len(p["topk"]) == 2 and p["topk"][0]["class"] in ("red", "green", "blue")
+        assert p["topk"][0]["score"] >= p["topk"][1]["score"]
+
+    rc = main(["predict", str(run_dir), str(image_folder / "test" / "blue"), "--format", "csv", "--device", "cpu"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("path,rank,class") and len(lines) == 1 + 3 * 3
+
+
+def test_predictor_python_api_matches_cli_classes(trained_run):
+    from PIL import Image
+
+    from finegrain import Predictor
+
+    result, data = trained_run
+    p = Predictor.from_checkpoint(result.best_checkpoint, device="cpu")
+    assert p.classes == ["blue", "green", "red"]
+    img = Image.open(next((data / "test" / "red").iterdir()))
+    out = p.predict([img], topk=10)
+    assert len(out[0]["topk"]) == 3  # capped at the class count
+    assert abs(sum(t["score"] for t in out[0]["topk"]) - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "/nonexistent/folder"], "does not exist"),
+        (["train", "--data", "IMAGES", "--val-fraction", "1.5"], "--val-fraction"),
+        (["train", "--data", "IMAGES", "--backbone", "resnet5O", "--pretrained", "none"], "Close matches"),
+        (["train", "--data", "IMAGES", "--augment", "heavy"], "--augment"),
+        (["eval", "/nonexistent/run", "--data", "IMAGES"], "does not exist"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(argv, message, image_folder, tmp_path, capsys):
+    argv = [str(image_folder) if a == "IMAGES" else a for a in argv] + (["--out", str(tmp_path)] if argv[0] == "train" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err.replace("\n", " ")
+
+
+def test_eval_refuses_data_with_other_classes(trained_run, tmp_path, capsys):
+    from tests.conftest import make_image_folder
+
+    result, _ = trained_run
+    other = make_image_folder(tmp_path / "other")
+    (other / "test" / "red").rename(other / "test" / "purple")
+    (other / "train" / "red").rename(other / "train" / "purple")
+    assert main(["eval", str(result.run_dir), "--data", str(other), "--workers", "0", "--device", "cpu"]) == 2
+    assert "purple" in capsys.readouterr().err
+
+
+def test_empty_class_folder_is_named(image_folder, tmp_path, capsys):
+    (image_folder / "train" / "yellow").mkdir()
+    assert main(["train", "--data", str(image_folder), "--out", str(tmp_path)]) == 2
+    assert "yellow" in capsys.readouterr().err

@@ -136,3 +136,35 @@ def test_warmup_cosine_schedule_values():
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(image_folder, tmp_path, monkeypatch):
+    import finegrain.train.run as run
+
+    real = run.train_one_epoch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the second epoch, after two batches
+            on_step = kwargs["on_step"]
+            on_step(8, {"loss": torch.tensor(1.0), "correct": torch.tensor(1), "seen": 8})
+            on_step(8, {"loss": torch.tensor(1.0), "correct": torch.tensor(1), "seen": 8})
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train_one_epoch", interrupted)
+    cfg = tiny_config(image_folder, tmp_path, epochs=3)
+    result = fit(cfg)
+    assert result.interrupted
+    from finegrain.train.checkpoint import load_train_state, read_metadata
+
+    meta = read_metadata(result.run_dir / "last.safetensors")
+    state = load_train_state(result.run_dir / "last.state.pt")
+    assert meta["epoch"] == state["epoch"] == 1 and state["step"] == 2
+    monkeypatch.setattr(run, "train_one_epoch", real)
+    cfg.train.resume = str(result.run_dir)
+    resumed = fit(cfg)
+    assert resumed.epochs_run == 3 and not resumed.interrupted
+    rows = [json.loads(l) for l in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]

@@ -34,7 +34,7 @@ def demo_config(*, epochs: int = 2, out: str = "runs", data: str | None = None, 
         data_path, weights, dataset = str(Path(out) / "data" / "flowers102"), "hub", "flowers102"
     return RunConfig(
         data=DataConfig(data=data_path, dataset=dataset, download=dataset is not None, img_size=224,
-                        batch_size=32, workers=workers if workers is not None else min(2, os.cpu_count() or 1)),
+                        batch_size=32, **({} if workers is None else {"workers": workers})),
         model=ModelConfig(backbone="efficientnet_lite0", pretrained=weights),
         train=TrainConfig(epochs=epochs, lr=1e-3, warmup_epochs=0.5, out=out, name=None),
     )

@@ -23,6 +23,7 @@ def train_transform(
     scale_min: float = 0.25,
     augment: str = "basic",
     interpolation: str = "bilinear",
+    normalize: bool = True,
 ) -> v2.Compose:
     """Random resized crop + horizontal flip, then the chosen extra augmentation, then normalise.
 
@@ -31,6 +32,8 @@ def train_transform(
         scale_min: smallest area fraction of the crop. Fine-grained cues are small, so the default
             (0.25) crops less aggressively than ImageNet's 0.08.
         augment: "none"/"basic" (crop+flip only), "colorjitter", "randaugment" or "trivialaugment".
+        normalize: end with float conversion and normalisation; False keeps uint8 so that a
+            batch can be normalised on the device (see :func:`normalize_batch`).
     """
     ops: list = [
         v2.ToImage(),
@@ -43,8 +46,16 @@ def train_transform(
         ops.append(v2.RandAugment(num_ops=2, magnitude=9))
     elif augment == "trivialaugment":
         ops.append(v2.TrivialAugmentWide())
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if normalize:
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
+
+
+def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> normalised float32, on whatever device the batch is."""
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return (images.float() - m) / s
 
 
 def eval_transform(

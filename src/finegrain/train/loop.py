@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from finegrain.data.transforms import BatchMixer
+from finegrain.data.transforms import BatchMixer, normalize_batch
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -19,8 +19,13 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool, normalize=None) -> torch.Tensor:
+    """Copy a batch to ``device``; uint8 batches (decoded cache) are normalised there with ``normalize=(mean, std)``."""
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        if normalize is None:
+            raise ValueError("a uint8 batch needs normalize=(mean, std)")
+        images = normalize_batch(images, *normalize)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
@@ -38,6 +43,7 @@ def train_one_epoch(
     ema=None,
     amp: bool = True,
     channels_last: bool = False,
+    normalize: tuple | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Train ``task`` for one pass over ``loader``.
@@ -60,7 +66,7 @@ def train_one_epoch(
         skipped += batch["skipped"]
         if batch["image"] is None:
             continue
-        images = to_device(batch["image"], device, channels_last)
+        images = to_device(batch["image"], device, channels_last, normalize)
         labels = batch["label"].to(device, non_blocking=True)
         target = labels
         if mixer is not None and mixer.active:

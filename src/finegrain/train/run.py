@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from finegrain.config import RunConfig
 from finegrain.data.base import ImageList
 from finegrain.data.datasets import open_dataset
+from finegrain.data.cache import CachedImageDataset, open_or_build_cache
 from finegrain.data.loader import ImageDataset, collate, load_split, save_split, stratified_split
 from finegrain.data.transforms import BatchMixer, eval_transform, train_transform
 from finegrain.models.backbone import create_backbone, data_config
@@ -186,6 +187,12 @@ def fit(cfg: RunConfig, *, max_epochs: int | None = None) -> RunResult:
 
     t_train = train_transform(cfg.data.img_size, mean=prep["mean"], std=prep["std"], scale_min=cfg.data.scale_min,
                               augment=cfg.data.augment, interpolation=prep["interpolation"])
+    train_data = ImageDataset(train_set, t_train)
+    if cfg.data.cache:
+        cache = open_or_build_cache(images, cfg.data.cache_dir, round(1.15 * cfg.data.img_size), workers=max(1, cfg.data.workers))
+        t_uint8 = train_transform(cfg.data.img_size, scale_min=cfg.data.scale_min, augment=cfg.data.augment,
+                                  interpolation=prep["interpolation"], normalize=False)
+        train_data = CachedImageDataset(cache, images.labels, t_uint8, indices=train_idx)
     t_eval = eval_transform(cfg.data.img_size, mean=prep["mean"], std=prep["std"], crop_pct=prep["crop_pct"],
                             interpolation=prep["interpolation"])
     bs, accum = cfg.data.batch_size, cfg.train.accum_steps
@@ -245,8 +252,8 @@ def fit(cfg: RunConfig, *, max_epochs: int | None = None) -> RunResult:
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             torch.manual_seed(cfg.train.seed * 7919 + epoch)
-            sampler = EpochSampler(len(train_set), cfg.train.seed, epoch, start_step * bs * accum)
-            loader = DataLoader(ImageDataset(train_set, t_train), batch_size=bs, sampler=sampler,
+            sampler = EpochSampler(len(train_set), cfg.train.seed, epoch, min(start_step * bs, len(train_set)))
+            loader = DataLoader(train_data, batch_size=bs, sampler=sampler,
                                 num_workers=cfg.data.workers, collate_fn=collate, pin_memory=device.type == "cuda",
                                 drop_last=len(train_set) > bs,
                                 generator=torch.Generator().manual_seed(cfg.train.seed * 31 + epoch))
@@ -261,7 +268,8 @@ def fit(cfg: RunConfig, *, max_epochs: int | None = None) -> RunResult:
 
                 tr = train_one_epoch(task, loader, optimizer, scheduler, device=device, forward=forward, mixer=mixer,
                                      accum_steps=accum, clip_grad=cfg.train.clip_grad, ema=ema, amp=cfg.train.amp,
-                                     channels_last=cfg.train.channels_last, on_step=on_step)
+                                     channels_last=cfg.train.channels_last, normalize=(prep["mean"], prep["std"]),
+                                     on_step=on_step)
             start_step = 0
             for path, err in tr.pop("skipped"):
                 skipped[path] = err

@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "finegrain.serve.cli",
     "finegrain.fewshot.cli",
     "finegrain.data.cli",
+    "finegrain.compress.cli",
 )
 
 

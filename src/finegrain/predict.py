@@ -25,6 +25,10 @@ def task_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -
     model = create_backbone(m.backbone, num_classes=meta["num_classes"], pretrained="none",
                             drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
     task = build_task(meta["task"], model, meta["num_classes"], **meta.get("task_args", {}))
+    if meta.get("structure"):  # a pruned model: re-shape the fresh layers to the stored sizes
+        from finegrain.compress.prune import apply_structure
+
+        apply_structure(task, meta["structure"], sd)
     try:
         task.load_state_dict(sd)
     except RuntimeError as e:

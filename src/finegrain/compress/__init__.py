@@ -1,0 +1,1 @@
+"""Model compression: structured channel pruning (and knowledge distillation, as a Task)."""

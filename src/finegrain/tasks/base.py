@@ -46,6 +46,19 @@ class Task(nn.Module):
         """Keyword arguments needed to rebuild this task from a checkpoint (JSON-serialisable)."""
         return {}
 
+    inference_name: str | None = None
+    """Task to rebuild for inference when it differs from this one (e.g. a distilled student is
+    a plain "supervised" model); its best checkpoint then holds ``inference_state_dict()``."""
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def inference_form(self) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        """``(task name, task args, weights)`` of the checkpoint that predicts with this task."""
+        if self.inference_name and self.inference_name != self.name:
+            return self.inference_name, {}, self.inference_state_dict()
+        return self.name, self.task_args(), self.state_dict()
+
     def new_parameter_names(self) -> set[str]:
         """Names of parameters that start untrained (they get the full learning rate)."""
         names = set()

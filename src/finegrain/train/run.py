@@ -282,8 +282,10 @@ def fit(cfg: RunConfig, *, max_epochs: int | None = None) -> RunResult:
             improved = len(val_set) == 0 or best_top1 is None or row["val_top1"] > best_top1
             if improved:
                 best_top1, best_epoch, bad_epochs = row.get("val_top1"), epoch + 1, 0
-                ckpt.save_checkpoint(run_dir / "best.safetensors", eval_module.state_dict(),
-                                     {**base_meta, "epoch": epoch + 1, "step": 0, "metrics": row})
+                inf_name, inf_args, inf_weights = eval_module.inference_form()
+                ckpt.save_checkpoint(run_dir / "best.safetensors", inf_weights,
+                                     {**base_meta, "task": inf_name, "task_args": inf_args, "trained_as": cfg.model.task,
+                                      "epoch": epoch + 1, "step": 0, "metrics": row})
             else:
                 bad_epochs += 1
             save_last(epoch + 1, 0, row)

@@ -1,0 +1,108 @@
+"""Knowledge distillation: a small student learns from a trained teacher checkpoint.
+
+Soft targets with temperature follow Hinton et al., "Distilling the Knowledge in a Neural
+Network" (arXiv:1503.02531); the optional feature term regresses the student's pooled features,
+through a linear projection, onto the teacher's (FitNets, Romero et al., arXiv:1412.6550).
+The teacher is frozen, in eval mode, and is neither saved in the student's checkpoints nor
+given to the optimizer. A best checkpoint is a plain supervised model: predicting with it
+needs no teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegrain.tasks.base import TASKS, Task
+from finegrain.tasks.supervised import soft_cross_entropy
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+@TASKS.register("distill")
+class DistillTask(Task):
+    """Student = ``model``; loss = (1 - alpha) CE + alpha KD (+ feature_weight * feature MSE).
+
+    Args:
+        teacher: path of a trained finegrain checkpoint with the same classes.
+        temperature: softening temperature T.
+        alpha: weight of the distillation term.
+        feature_weight: weight of the feature regression term (0 turns it off).
+        student_mean, student_std: normalisation of the student's inputs; the teacher's inputs are
+            re-normalised to its own mean and std.
+    """
+
+    name = "distill"
+    inference_name = "supervised"
+
+    def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0, teacher: str = "",
+                 temperature: float = 4.0, alpha: float = 0.7, feature_weight: float = 0.0,
+                 student_mean=(0.485, 0.456, 0.406), student_std=(0.229, 0.224, 0.225)):
+        super().__init__(model, num_classes, label_smoothing=label_smoothing)
+        from finegrain.predict import task_from_checkpoint
+
+        if not teacher:
+            raise ValueError("distillation needs a teacher checkpoint: pass --teacher PATH")
+        teacher_task, meta = task_from_checkpoint(teacher, "cpu")
+        if meta["num_classes"] != num_classes:
+            raise ValueError(f"teacher {teacher} has {meta['num_classes']} classes, the data has {num_classes}; "
+                             "distil on the data set the teacher was trained on")
+        for p in teacher_task.parameters():
+            p.requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher_task.eval())  # not a submodule: not saved, not optimised
+        self.teacher_classes = meta["classes"]
+        self.args = {"teacher": str(teacher), "temperature": temperature, "alpha": alpha, "feature_weight": feature_weight,
+                     "student_mean": list(student_mean), "student_std": list(student_std)}
+        self.temperature, self.alpha, self.feature_weight = temperature, alpha, feature_weight
+        tp = meta["preprocessing"]
+        # x_teacher = (x_student * s_std + s_mean - t_mean) / t_std, folded into one scale and shift
+        s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
+        t_mean, t_std = torch.tensor(tp["mean"]), torch.tensor(tp["std"])
+        self.register_buffer("t_scale", (s_std / t_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("t_shift", ((s_mean - t_mean) / t_std).view(1, 3, 1, 1), persistent=False)
+        if feature_weight > 0:
+            self.feature_proj = nn.Linear(model.num_features, teacher_task.model.num_features)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.teacher._apply(fn, *args, **kwargs)  # follow .to(device) / channels_last
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher's BN statistics and dropout stay frozen
+        return self
+
+    def forward(self, batch):
+        x = batch["image"]
+        feats = self.model.forward_features(x)
+        logits = self.model.forward_head(feats)
+        with torch.no_grad():
+            xt = x * self.t_scale + self.t_shift
+            t_feats = self.teacher.model.forward_features(xt)
+            t_logits = self.teacher.model.forward_head(t_feats)
+        target = batch.get("target", batch["label"])
+        ce = soft_cross_entropy(logits, target, self.label_smoothing)
+        kd = kd_loss(logits, t_logits, self.temperature)
+        loss = (1 - self.alpha) * ce + self.alpha * kd
+        out = {"logits": logits, "ce": ce.detach(), "kd": kd.detach()}
+        if self.feature_weight > 0:
+            s_pre = self.model.forward_head(feats, pre_logits=True)
+            t_pre = self.teacher.model.forward_head(t_feats, pre_logits=True)
+            feat = F.mse_loss(self.feature_proj(s_pre.float()), t_pre.float())
+            loss = loss + self.feature_weight * feat
+            out["feature"] = feat.detach()
+        out["loss"] = loss
+        return out
+
+    def task_args(self):
+        return dict(self.args)
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's weights only, loadable into a plain supervised task."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("model.")}

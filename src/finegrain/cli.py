@@ -90,6 +90,14 @@ def _cmd_train(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def _cmd_distill(args) -> int:
+    if not getattr(args, "model.teacher", None):
+        raise ValueError("distill needs --teacher CHECKPOINT")
+    setattr(args, "model.task", "distill")
+    setattr(args, "model.backbone", args.student)
+    return _cmd_train(args)
+
+
 def _cmd_predict(args) -> int:
     from finegrain.predict import Predictor
 
@@ -150,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     for kind, prefix in ((DataConfig, "data"), (ModelConfig, "model"), (TrainConfig, "train")):
         add_config_flags(p, kind, prefix)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("distill", help="train a small student from a trained teacher checkpoint (train's flags apply)")
+    p.add_argument("--student", required=True, help="timm name of the student backbone")
+    p.add_argument("--config", help="YAML file with data/model/train sections; flags override it")
+    for kind, prefix in ((DataConfig, "data"), (ModelConfig, "model"), (TrainConfig, "train")):
+        add_config_flags(p, kind, prefix)
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("predict", help="top-k classes of images or folders of images")
     p.add_argument("checkpoint", help="checkpoint file or run folder")

@@ -68,6 +68,10 @@ class ModelConfig:
     task: str = _f("supervised", "training task (method); see finegrain.TASKS")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     drop_path_rate: float = _f(0.0, "stochastic depth rate (backbones that support it)")
+    teacher: str | None = _f(None, "distillation (--task distill): the teacher checkpoint")
+    kd_temperature: float = _f(4.0, "distillation temperature")
+    kd_alpha: float = _f(0.7, "weight of the distillation term (1 - alpha for cross-entropy)")
+    kd_feature_weight: float = _f(0.0, "weight of feature distillation (0 turns it off)")
 
 
 @dataclass

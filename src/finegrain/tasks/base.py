@@ -46,6 +46,11 @@ class Task(nn.Module):
         """Keyword arguments needed to rebuild this task from a checkpoint (JSON-serialisable)."""
         return {}
 
+    @classmethod
+    def config_args(cls, cfg, preprocessing: dict) -> dict[str, Any]:
+        """Keyword arguments this task takes from a ``RunConfig`` (beyond model and class count)."""
+        return {}
+
     inference_name: str | None = None
     """Task to rebuild for inference when it differs from this one (e.g. a distilled student is
     a plain "supervised" model); its best checkpoint then holds ``inference_state_dict()``."""

@@ -69,6 +69,13 @@ class DistillTask(Task):
         if feature_weight > 0:
             self.feature_proj = nn.Linear(model.num_features, teacher_task.model.num_features)
 
+    @classmethod
+    def config_args(cls, cfg, preprocessing):
+        m = cfg.model
+        return {"teacher": m.teacher or "", "temperature": m.kd_temperature, "alpha": m.kd_alpha,
+                "feature_weight": m.kd_feature_weight, "student_mean": preprocessing["mean"],
+                "student_std": preprocessing["std"]}
+
     def _apply(self, fn, *args, **kwargs):
         self.teacher._apply(fn, *args, **kwargs)  # follow .to(device) / channels_last
         return super()._apply(fn, *args, **kwargs)

@@ -23,7 +23,7 @@ from finegrain.data.cache import CachedImageDataset, open_or_build_cache
 from finegrain.data.loader import ImageDataset, collate, load_split, save_split, stratified_split
 from finegrain.data.transforms import BatchMixer, eval_transform, train_transform
 from finegrain.models.backbone import create_backbone, data_config
-from finegrain.tasks import build_task
+from finegrain.tasks import TASKS, build_task
 from finegrain.train import checkpoint as ckpt
 from finegrain.train.loop import predict_loader, train_one_epoch
 from finegrain.train.optim import build_optimizer, build_scheduler
@@ -67,7 +67,8 @@ def build_task_from_config(cfg: RunConfig, num_classes: int, *, pretrained: str 
         drop_rate=m.drop_rate,
         drop_path_rate=m.drop_path_rate,
     )
-    return build_task(m.task, model, num_classes, label_smoothing=cfg.train.label_smoothing)
+    extra = TASKS.get(m.task).config_args(cfg, preprocessing(cfg, model))
+    return build_task(m.task, model, num_classes, label_smoothing=cfg.train.label_smoothing, **extra)
 
 
 def preprocessing(cfg: RunConfig, model) -> dict:

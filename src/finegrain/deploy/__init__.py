@@ -1,0 +1,15 @@
+"""Deployment: ONNX / TorchScript export checked against eager outputs, and INT8 quantization."""
+
+from finegrain.deploy.onnx import (
+    OnnxModel,
+    compare_logits,
+    export_checkpoint,
+    export_onnx,
+    export_torchscript,
+    quantize_int8,
+    read_export_metadata,
+    verify_export,
+)
+
+__all__ = ["OnnxModel", "compare_logits", "export_checkpoint", "export_onnx", "export_torchscript", "quantize_int8",
+           "read_export_metadata", "verify_export"]

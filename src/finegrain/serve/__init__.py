@@ -1,0 +1,5 @@
+"""REST serving: ``create_app(checkpoint or Predictor)`` builds a FastAPI app (``finegrain serve``)."""
+
+from finegrain.serve.app import InputError, MicroBatcher, create_app, decode_image
+
+__all__ = ["InputError", "MicroBatcher", "create_app", "decode_image"]

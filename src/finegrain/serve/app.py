@@ -1,0 +1,304 @@
+"""FastAPI app factory: ``POST /predict``, ``GET /labels``, ``GET /health`` and a small page at ``/``.
+
+Requests are decoded and preprocessed in the threadpool (in parallel), then a single worker
+thread gathers them into micro-batches (up to ``batch_size`` images, waiting at most
+``max_wait_ms`` for company) and runs ``Predictor.logits`` on each batch. Only that thread
+touches the model, so inference is thread-safe, and concurrent clients share batches.
+
+Untrusted input is checked before it costs anything: the upload size (``Content-Length`` and the
+bytes actually read), the content type, and the pixel count from the image header (decompression
+bombs) before any pixel is decoded. Each problem is a 4xx answer with a ``detail`` that says what
+was wrong and what is accepted.
+"""
+
+import asyncio
+import io
+import queue
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finegrain.predict import Predictor
+
+MULTIPART = "multipart/form-data"
+
+
+def _require_fastapi():
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401  (python-multipart, for uploads)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"serving needs the 'serve' extra: pip install 'finegrain[serve]' ({e})") from e
+
+
+class InputError(Exception):
+    """A client error: ``status`` (4xx) and a message for the ``detail`` field."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def decode_image(data: bytes, *, max_pixels: int):
+    """Decode untrusted bytes into an RGB PIL image, or raise :class:`InputError`.
+
+    The pixel count is read from the header and checked against ``max_pixels`` before decoding.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise InputError(422, "the upload is empty; send an image file (JPEG, PNG, WebP, BMP, GIF or TIFF)")
+    try:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap is checked next
+            w, h = im.size
+            if w * h > max_pixels:
+                raise InputError(413, f"image is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
+                                      "(--max-pixels); resize it first")
+            im.draft("RGB", (w, h))  # keeps JPEG decoding at full size but skips needless work
+            im.load()
+            return im.convert("RGB")
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(413, f"image refused as a decompression bomb: {e}") from e
+    except UnidentifiedImageError as e:
+        raise InputError(422, "the upload is not a readable image (JPEG, PNG, WebP, BMP, GIF or TIFF)") from e
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        raise InputError(422, f"cannot decode the image (truncated or corrupt?): {e}") from e
+
+
+class MicroBatcher:
+    """One worker thread that runs ``predictor.logits`` on batches gathered from a queue."""
+
+    def __init__(self, predictor: Predictor, *, batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256):
+        self.predictor = predictor
+        self.batch_size = batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.images = 0
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="finegrain-batcher", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=10)
+            self._thread = None
+
+    def submit(self, image: torch.Tensor) -> Future:
+        """Queue one preprocessed image ``[3, H, W]``; the future gets its softmax scores ``[C]``."""
+        if self._queue.qsize() >= self.max_queue:
+            raise InputError(503, f"server busy: {self.max_queue} images already queued; retry shortly")
+        self.start()
+        fut: Future = Future()
+        self._queue.put((image, fut))
+        return fut
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            items = [item]
+            deadline = time.monotonic() + self.max_wait
+            while len(items) < self.batch_size:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                items.append(nxt)
+            try:
+                probs = self.predictor.logits(torch.stack([t for t, _ in items])).softmax(1).cpu()
+                self.batches += 1
+                self.images += len(items)
+                for (_, fut), p in zip(items, probs):
+                    fut.set_result(p)
+            except Exception as e:  # noqa: BLE001  (a failed batch fails its requests, not the server)
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(e)
+
+
+def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, max_pixels: int = 40_000_000, topk: int = 5,
+               batch_size: int = 16, max_wait_ms: float = 5.0, device: str = "auto"):
+    """Build the FastAPI app.
+
+    Args:
+        model: a :class:`Predictor`, or a checkpoint file / run folder to load one from.
+        max_upload_mb: largest accepted upload (413 above it).
+        max_pixels: largest accepted image area in pixels (413 above it; stops decompression bombs).
+        topk: default number of classes returned (``?topk=`` overrides it per request).
+        batch_size: largest micro-batch.
+        max_wait_ms: how long the first request of a batch waits for others.
+        device: device when ``model`` is a path.
+    """
+    _require_fastapi()
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    if max_upload_mb <= 0 or max_pixels <= 0 or batch_size < 1 or topk < 1:
+        raise ValueError(f"--max-upload-mb ({max_upload_mb}), --max-pixels ({max_pixels}), --batch-size ({batch_size}) "
+                         f"and --topk ({topk}) must be positive")
+    predictor = model if isinstance(model, Predictor) else Predictor.from_checkpoint(model, device=device)
+    classes = predictor.classes
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    default_topk = topk
+    batcher = MicroBatcher(predictor, batch_size=batch_size, max_wait_ms=max_wait_ms)
+    info = {"backbone": predictor.meta.get("model", {}).get("backbone"), "task": predictor.meta.get("task"),
+            "num_classes": len(classes), "img_size": predictor.meta["preprocessing"]["img_size"]}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await run_in_threadpool(batcher.stop)
+
+    app = FastAPI(title="finegrain", summary="Fine-grained image classification", lifespan=lifespan)
+    app.state.predictor, app.state.batcher = predictor, batcher
+
+    @app.exception_handler(InputError)
+    async def _input_error(request, exc: InputError):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    async def _read_upload(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        limit = max_bytes + 64 * 1024  # multipart framing around the file
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise InputError(413, f"upload of {int(declared):,} bytes exceeds the {max_upload_mb:g} MB limit (--max-upload-mb)")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise InputError(413, f"upload exceeds the {max_upload_mb:g} MB limit (--max-upload-mb)")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype.startswith("image/"):
+            data = bytes(body)
+        elif ctype == MULTIPART:
+            request._body = bytes(body)  # starlette re-reads the cached body when parsing the form
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except Exception as e:  # noqa: BLE001
+                raise InputError(400, f"malformed multipart form: {e}") from e
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InputError(422, "the form has no file field named 'file' (curl -F file=@bird.jpg ...)")
+            part_type = (upload.content_type or "").split(";")[0].strip().lower()
+            if part_type and not (part_type.startswith("image/") or part_type == "application/octet-stream"):
+                raise InputError(415, f"file content type {part_type!r} is not an image type (image/jpeg, image/png, ...)")
+            data = await upload.read()
+        else:
+            raise InputError(415, f"content type {ctype or 'none'!r} is not accepted: send multipart/form-data with a "
+                                  "'file' field, or the raw image with an image/* content type")
+        if len(data) > max_bytes:
+            raise InputError(413, f"image of {len(data):,} bytes exceeds the {max_upload_mb:g} MB limit (--max-upload-mb)")
+        return data
+
+    @app.post("/predict")
+    async def predict(request: Request, topk: int | None = None) -> dict[str, Any]:
+        """Top-k classes of one image (multipart field ``file``, or a raw ``image/*`` body)."""
+        k = topk if topk is not None else min(default_topk, len(classes))
+        if not 1 <= k <= len(classes):
+            raise InputError(422, f"topk must be between 1 and {len(classes)}, got {k}")
+        start = time.perf_counter()
+        data = await _read_upload(request)
+        image = await run_in_threadpool(decode_image, data, max_pixels=max_pixels)
+        tensor = await run_in_threadpool(predictor.transform, image)
+        probs = await asyncio.wrap_future(batcher.submit(tensor))
+        scores, idx = probs.topk(k)
+        return {
+            "topk": [{"class": classes[j], "index": j, "score": round(s, 6)} for s, j in zip(scores.tolist(), idx.tolist())],
+            "image_size": list(image.size),
+            "elapsed_ms": round(1000 * (time.perf_counter() - start), 2),
+        }
+
+
+    @app.get("/labels")
+    def labels() -> dict[str, Any]:
+        """Class names in output order."""
+        return {"classes": classes, "num_classes": len(classes)}
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness plus model description and batching counters."""
+        return {"status": "ok", **info, "batches": batcher.batches, "images": batcher.images,
+                "limits": {"max_upload_mb": max_upload_mb, "max_pixels": max_pixels}}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE
+
+    return app
+
+
+# The web page is inline so that it ships inside the wheel without package-data configuration.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>finegrain</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body { font-family: system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+ #drop { border: 2px dashed #888; border-radius: 8px; padding: 2rem; text-align: center; cursor: pointer; }
+ #drop.over { background: #eef; }
+ img { max-width: 100%; max-height: 20rem; margin-top: 1rem; }
+ table { border-collapse: collapse; margin-top: 1rem; width: 100%; }
+ td { padding: .25rem .5rem; border-bottom: 1px solid #ddd; }
+ .bar { background: #4a7; height: .8rem; }
+ .err { color: #b00; }
+</style></head>
+<body>
+<h1>finegrain</h1>
+<p id="model"></p>
+<div id="drop">Drop an image here, or click to choose one.<input id="file" type="file" accept="image/*" hidden></div>
+<img id="preview" alt="" hidden>
+<div id="out"></div>
+<script>
+const drop = document.getElementById("drop"), file = document.getElementById("file"), out = document.getElementById("out");
+fetch("health").then(r => r.json()).then(h => {
+  document.getElementById("model").textContent = `${h.backbone} (${h.task}), ${h.num_classes} classes`; });
+drop.onclick = () => file.click();
+file.onchange = () => file.files[0] && send(file.files[0]);
+drop.ondragover = e => { e.preventDefault(); drop.classList.add("over"); };
+drop.ondragleave = () => drop.classList.remove("over");
+drop.ondrop = e => { e.preventDefault(); drop.classList.remove("over"); e.dataTransfer.files[0] && send(e.dataTransfer.files[0]); };
+async function send(f) {
+  const img = document.getElementById("preview");
+  img.src = URL.createObjectURL(f); img.hidden = false; out.textContent = "...";
+  const body = new FormData(); body.append("file", f);
+  const r = await fetch("predict", { method: "POST", body });
+  const j = await r.json();
+  if (!r.ok) { out.innerHTML = ""; const p = document.createElement("p"); p.className = "err";
+    p.textContent = `Error ${r.status}: ${typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail)}`;
+    out.appendChild(p); return; }
+  const t = document.createElement("table");
+  for (const c of j.topk) {
+    const row = t.insertRow();
+    row.insertCell().textContent = c.class;
+    row.insertCell().textContent = (100 * c.score).toFixed(1) + "%";
+    const bar = document.createElement("div"); bar.className = "bar"; bar.style.width = (100 * c.score) + "%";
+    row.insertCell().appendChild(bar);
+  }
+  out.innerHTML = ""; out.appendChild(t);
+}
+</script>
+</body></html>
+"""

@@ -1,0 +1,30 @@
+"""``finegrain serve``."""
+
+from __future__ import annotations
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (FastAPI: POST /predict, GET /labels, /health, /)")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--topk", type=int, default=5, help="classes returned by default (?topk= overrides)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MB (413 above)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image area (413 above)")
+    p.add_argument("--batch-size", type=int, default=16, help="largest micro-batch of concurrent requests")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from finegrain.serve.app import create_app
+
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(f"serving needs the 'serve' extra: pip install 'finegrain[serve]' ({e})") from e
+    app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, topk=args.topk,
+                     batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, device=args.device)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

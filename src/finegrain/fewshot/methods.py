@@ -1,0 +1,346 @@
+"""Few-shot methods as Tasks that train on episodes with the one training loop.
+
+- ProtoNet: Snell et al., "Prototypical Networks for Few-shot Learning", arXiv:1703.05175.
+- RelationNet: Sung et al., "Learning to Compare: Relation Network for Few-Shot Learning",
+  arXiv:1711.06025.
+- MAML: Finn et al., "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
+  arXiv:1703.03400 (second order, or first order with ``first_order=True``).
+- Baseline: Chen et al., "A Closer Look at Few-shot Classification", arXiv:1904.04232 (frozen
+  embeddings + a linear or cosine classifier fine-tuned on the support set).
+
+A batch is an episode laid out by :class:`finegrain.fewshot.sampler.EpisodicSampler`: the first
+``n_way * k_shot`` rows are the support set, the rest the queries, and labels are episode slots
+``0..n_way-1``. Every method exposes the same two steps, so training (``forward``) and
+evaluation on precomputed features (:func:`finegrain.fewshot.evaluate.evaluate_episodes`) share
+them: ``features(images)`` and ``episode_logits(support_features, support_labels,
+query_features, n_way)``. ``forward`` returns logits for every row (support rows too, so the
+loop's accuracy counts them) and the loss over the queries only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from finegrain.fewshot import backbones  # noqa: F401  (registers conv4 with timm)
+from finegrain.registry import Registry
+from finegrain.tasks.base import TASKS, Task
+
+METHODS: Registry[type["EpisodicTask"]] = Registry("few-shot method")
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pre-logit embeddings of a timm-contract model: ``forward_head(forward_features(x), pre_logits=True)``."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """Class means ``[n_way, ...]`` of the support features."""
+    return torch.stack([support[labels == c].mean(0) for c in range(n_way)])
+
+
+def squared_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[len(a), len(b)]`` squared Euclidean distances (exact, no ``a^2 - 2ab + b^2`` cancellation)."""
+    return (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
+
+
+class EpisodicTask(Task):
+    """Base of the few-shot tasks (see the module docstring for the batch layout).
+
+    Args:
+        model: timm-contract backbone.
+        num_classes: outputs of the backbone's classifier (0 for the metric methods).
+        n_way: classes per training episode.
+        k_shot: support images per class in a training episode.
+    """
+
+    method = "base"
+    episodic = True  # trained on episodes (False: on ordinary batches)
+
+    def __init__(self, model: nn.Module, num_classes: int, *, n_way: int = 5, k_shot: int = 1, label_smoothing: float = 0.0):
+        super().__init__(model, num_classes, label_smoothing=label_smoothing)
+        self.n_way, self.k_shot = n_way, k_shot
+
+    @staticmethod
+    def head_classes(n_way: int) -> int:
+        """Classifier outputs the backbone needs for this method."""
+        return 0
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return embed(self.model, images)
+
+    def episode_logits(self, support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n_way: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def episode_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x, y = batch["image"], batch["label"]
+        ns = self.n_way * self.k_shot
+        if x.shape[0] <= ns:
+            raise ValueError(f"an episode of {x.shape[0]} images has no queries after {ns} support images ({self.n_way}-way {self.k_shot}-shot)")
+        feats = self.features(x)
+        logits = self.episode_logits(feats[:ns], y[:ns], feats, self.n_way)
+        return {"loss": self.episode_loss(logits[ns:], y[ns:]), "logits": logits}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings (there is no fixed class list to score against)."""
+        return self.features(images)
+
+    def task_args(self) -> dict[str, Any]:
+        return {"n_way": self.n_way, "k_shot": self.k_shot}
+
+
+@TASKS.register("protonet")
+@METHODS.register("protonet")
+class ProtoNetTask(EpisodicTask):
+    """Logits are negative squared Euclidean distances to the class-mean prototypes."""
+
+    name = method = "protonet"
+
+    def episode_logits(self, support, labels, query, n_way):
+        return -squared_euclidean(query.flatten(1), prototypes(support.flatten(1), labels, n_way))
+
+
+class _RelationModule(nn.Module):
+    def __init__(self, channels: int, *, maps: bool, hidden: int = 8):
+        super().__init__()
+        self.maps = maps
+        if maps:
+            # The paper max-pools after each conv; feature maps of timm backbones can be 1x1-7x7,
+            # so pool adaptively instead.
+            block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]  # noqa: E731
+            self.body = nn.Sequential(*block(2 * channels, 64), *block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            width = 64
+        else:
+            self.body = nn.Identity()
+            width = 2 * channels
+        self.score = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.score(self.body(pairs))).squeeze(-1)
+
+
+@TASKS.register("relationnet")
+@METHODS.register("relationnet")
+class RelationNetTask(EpisodicTask):
+    """A learned relation module scores (prototype, query) pairs; MSE to the one-hot target.
+
+    Args:
+        relation: "maps" concatenates backbone feature maps (``forward_features``, ``[B, C, H, W]``)
+            as in the paper; "pooled" concatenates pre-logit embeddings (works for any backbone).
+        hidden: width of the relation module's hidden layer.
+    """
+
+    name = method = "relationnet"
+
+    def __init__(self, model, num_classes, *, n_way=5, k_shot=1, relation: str = "pooled", hidden: int = 8, label_smoothing=0.0):
+        super().__init__(model, num_classes, n_way=n_way, k_shot=k_shot, label_smoothing=label_smoothing)
+        if relation not in ("maps", "pooled"):
+            raise ValueError(f"relation must be 'maps' or 'pooled', got {relation!r}")
+        self.relation, self.hidden = relation, hidden
+        self.relation_module = _RelationModule(model.num_features, maps=relation == "maps", hidden=hidden)
+
+    def features(self, images):
+        if self.relation == "maps":
+            f = self.model.forward_features(images)
+            if f.ndim != 4:
+                raise ValueError(f"relation='maps' needs [B, C, H, W] feature maps; this backbone gives shape {tuple(f.shape)}. Use relation='pooled'")
+            return f
+        return embed(self.model, images)
+
+    def episode_logits(self, support, labels, query, n_way):
+        protos = prototypes(support, labels, n_way)
+        q, n = query.shape[0], protos.shape[0]
+        pairs = torch.cat([protos[None].expand(q, *protos.shape), query[:, None].expand(q, n, *query.shape[1:])], dim=2)
+        return self.relation_module(pairs.flatten(0, 1)).view(q, n)
+
+    def episode_loss(self, logits, labels):
+        return F.mse_loss(logits.float(), F.one_hot(labels, logits.shape[1]).float())
+
+    def task_args(self):
+        return {**super().task_args(), "relation": self.relation, "hidden": self.hidden}
+
+
+def maml_adapt(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    inner_lr: float,
+    first_order: bool,
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """MAML's inner loop: ``steps`` plain gradient steps on ``(x, y)``, functionally.
+
+    With ``first_order=False`` the inner gradients keep their graph (``create_graph=True``), so
+    the outer gradient includes the second-order term; with ``first_order=True`` they are
+    constants and the outer gradient is the query gradient at the adapted weights.
+
+    Returns:
+        The adapted parameters (same names as ``params``).
+    """
+    buffers = dict(model.named_buffers()) if buffers is None else buffers
+    for _ in range(steps):
+        loss = F.cross_entropy(functional_call(model, (params, buffers), (x,)).float(), y)
+        names = [n for n, p in params.items() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
+        new = dict(params)
+        for n, g in zip(names, grads):
+            if g is not None:
+                new[n] = params[n] - inner_lr * (g.detach() if first_order else g)
+        params = new
+    return params
+
+
+@TASKS.register("maml")
+@METHODS.register("maml")
+class MAMLTask(EpisodicTask):
+    """Adapt the whole network (classifier of ``n_way`` outputs included) on the support set.
+
+    Args:
+        inner_steps: inner gradient steps while training.
+        eval_steps: inner gradient steps at evaluation.
+        inner_lr: inner learning rate.
+        first_order: drop the second-order term (FOMAML).
+    """
+
+    name = method = "maml"
+
+    def __init__(self, model, num_classes, *, n_way=5, k_shot=1, inner_steps: int = 5, eval_steps: int = 10,
+                 inner_lr: float = 0.01, first_order: bool = False, label_smoothing=0.0):
+        super().__init__(model, num_classes, n_way=n_way, k_shot=k_shot, label_smoothing=label_smoothing)
+        if num_classes != n_way:
+            raise ValueError(f"MAML needs a backbone classifier with n_way={n_way} outputs, got {num_classes}")
+        self.inner_steps, self.eval_steps, self.inner_lr, self.first_order = inner_steps, eval_steps, inner_lr, first_order
+
+    @staticmethod
+    def head_classes(n_way: int) -> int:
+        return n_way
+
+    def features(self, images):
+        return images  # MAML adapts the whole network, so its "features" are the images
+
+    def episode_logits(self, support, labels, query, n_way):
+        if n_way != self.num_classes:
+            raise ValueError(f"this MAML model has a {self.num_classes}-way head; evaluate it with --n-way {self.num_classes}")
+        training = self.training and torch.is_grad_enabled()
+        params = dict(self.model.named_parameters())
+        if not training:  # evaluation: adapt a detached copy, first order is enough
+            params = {n: p.detach().requires_grad_() for n, p in params.items()}
+        with torch.enable_grad():
+            adapted = maml_adapt(self.model, params, support, labels, steps=self.inner_steps if training else self.eval_steps,
+                                 inner_lr=self.inner_lr, first_order=self.first_order or not training)
+        out = functional_call(self.model, (adapted, dict(self.model.named_buffers())), (query,))
+        return out if training else out.detach()
+
+    @torch.no_grad()
+    def predict(self, images):
+        return self.model(images)
+
+    def task_args(self):
+        return {**super().task_args(), "inner_steps": self.inner_steps, "eval_steps": self.eval_steps,
+                "inner_lr": self.inner_lr, "first_order": self.first_order}
+
+
+def fit_support_head(
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    n_way: int,
+    *,
+    head: str = "linear",
+    steps: int = 100,
+    lr: float = 0.01,
+    weight_decay: float = 1e-3,
+    scale: float = 10.0,
+    seed: int = 0,
+) -> nn.Module:
+    """Train a linear or cosine classifier on frozen support embeddings (Chen et al.'s fine-tuning).
+
+    Full-batch SGD (momentum 0.9) for ``steps`` steps; the cosine head scores
+    ``scale * cos(w_c, x)``.
+    """
+    if head not in ("linear", "cosine"):
+        raise ValueError(f"head must be 'linear' or 'cosine', got {head!r}")
+    g = torch.Generator().manual_seed(seed)
+    dim = support.shape[1]
+    weight = nn.Parameter(torch.randn(n_way, dim, generator=g).to(support) * dim**-0.5)
+    bias = nn.Parameter(torch.zeros(n_way, device=support.device)) if head == "linear" else None
+    params = [weight] + ([bias] if bias is not None else [])
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    x = support.detach().float()
+
+    def logits_fn(f: torch.Tensor) -> torch.Tensor:
+        if head == "cosine":
+            return scale * F.normalize(f, dim=1) @ F.normalize(weight, dim=1).t()
+        return F.linear(f, weight, bias)
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(logits_fn(x), labels).backward()
+            opt.step()
+    return _Head(logits_fn)
+
+
+class _Head(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@TASKS.register("fewshot_baseline")
+@METHODS.register("baseline")
+class BaselineTask(EpisodicTask):
+    """Frozen (pretrained or supervised) embeddings + a classifier fine-tuned on each support set.
+
+    Args:
+        head: "linear" (Baseline) or "cosine" (a Baseline++-style cosine classifier).
+        steps: fine-tuning steps per episode.
+        lr: fine-tuning learning rate.
+    """
+
+    name = "fewshot_baseline"
+    method = "baseline"
+    episodic = False  # trained on ordinary batches of the base classes, evaluated on episodes
+
+    def __init__(self, model, num_classes, *, n_way=5, k_shot=1, head: str = "linear", steps: int = 100,
+                 lr: float = 0.01, label_smoothing=0.0):
+        super().__init__(model, num_classes, n_way=n_way, k_shot=k_shot, label_smoothing=label_smoothing)
+        self.head, self.steps, self.lr = head, steps, lr
+
+    def episode_logits(self, support, labels, query, n_way):
+        clf = fit_support_head(support.flatten(1), labels, n_way, head=self.head, steps=self.steps, lr=self.lr)
+        with torch.no_grad():
+            return clf(query.flatten(1).float())
+
+    def forward(self, batch):
+        """Baseline pre-training is plain classification of the base classes (a normal batch)."""
+        if self.num_classes == 0:
+            raise ValueError("this baseline has no base-class classifier to train; build it with num_classes = base classes")
+        logits = self.model(batch["image"])
+        return {"loss": F.cross_entropy(logits.float(), batch.get("target", batch["label"]), label_smoothing=self.label_smoothing),
+                "logits": logits}
+
+    def task_args(self):
+        return {**super().task_args(), "head": self.head, "steps": self.steps, "lr": self.lr}
+
+
+def build_method(name: str, model: nn.Module, *, n_way: int, k_shot: int, **kwargs: Any) -> EpisodicTask:
+    """Wrap ``model`` in few-shot method ``name``; the classifier is reset to what the method needs."""
+    cls = METHODS.get(name)
+    n_out = cls.head_classes(n_way)
+    if hasattr(model, "reset_classifier") and getattr(model, "num_classes", None) != n_out:
+        model.reset_classifier(n_out)
+    return cls(model, n_out, n_way=n_way, k_shot=k_shot, **kwargs)

@@ -38,11 +38,11 @@ DATA = SHARED / "cub50"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def run_finegrain(seed: int, epochs: int, workers: int, out: str) -> dict:
+def run_finegrain(seed: int, epochs: int, workers: int, out: str, **train) -> dict:
     cfg = RunConfig(
         DataConfig(data=str(DATA), img_size=224, batch_size=32, workers=workers),
         ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS)),
-        TrainConfig(epochs=epochs, seed=seed, out=out, name=f"finegrain-seed{seed}-{int(time.time())}"),
+        TrainConfig(epochs=epochs, seed=seed, out=out, name=f"finegrain-seed{seed}-{int(time.time())}", **train),
     )
     t0 = time.perf_counter()
     result = fit(cfg)
@@ -97,12 +97,25 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="/tmp/finegrain-bench-runs")
+    ap.add_argument("--reuse-baseline", default=None,
+                    help="take the baseline runs from an earlier results JSON of this script (same epochs and seeds) instead of re-running them")
     args = ap.parse_args()
     if not DATA.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {DATA} and {WEIGHTS} (set FINEGRAIN_SHARED_DATA)")
     results = []
+    reused = None
+    if args.reuse_baseline:
+        import json
+
+        prev = json.loads(open(args.reuse_baseline).read())
+        if prev["epochs"] != args.epochs or prev["seeds"] != args.seeds:
+            raise SystemExit(f"{args.reuse_baseline} has epochs {prev['epochs']} seeds {prev['seeds']}; rerun the baseline")
+        reused = next(r for r in prev["results"] if r["recipe"] == "baseline")
     for name, fn in (("finegrain", lambda s: run_finegrain(s, args.epochs, args.workers, args.out)),
                      ("baseline", lambda s: run_baseline(s, args.epochs, args.workers))):
+        if name == "baseline" and reused is not None:
+            results.append({**reused, "source": f"reused from {args.reuse_baseline} (same script, epochs and seeds)"})
+            continue
         runs = []
         for seed in args.seeds:
             r = fn(seed)

@@ -72,6 +72,31 @@ class ModelConfig:
     kd_temperature: float = _f(4.0, "distillation temperature")
     kd_alpha: float = _f(0.7, "weight of the distillation term (1 - alpha for cross-entropy)")
     kd_feature_weight: float = _f(0.0, "weight of feature distillation (0 turns it off)")
+    attention: str = _f("none", "attention on the last feature map (--task fgvc): none, se, cbam, dual, deform")
+    pooling: str = _f("avg", "global pooling (--task fgvc): avg, bilinear, compact_bilinear")
+    loss: str = _f("ce", "loss terms name[:weight] joined by '+' (--task fgvc): ce, focal, center, triplet; e.g. ce+center:0.01+triplet:1.0")
+    reduce_dim: int = _f(0, "1x1 conv to this many channels before attention and pooling (--task fgvc; 0 turns it off)")
+    pool_dim: int = _f(0, "output size of compact_bilinear pooling (--task fgvc; 0: 8192)")
+    wsdan_parts: int = _f(32, "number of attention maps M (--task wsdan)")
+
+    def check(self) -> None:
+        from finegrain.models.attention import ATTENTIONS
+        from finegrain.models.losses import parse_loss_spec
+        from finegrain.models.pooling import POOLINGS
+
+        for flag, value, registry in (("--attention", self.attention, ATTENTIONS), ("--pooling", self.pooling, POOLINGS)):
+            if value not in registry:
+                raise ValueError(f"{flag} must be one of {', '.join(registry.names())}, got {value!r}")
+        parse_loss_spec(self.loss)
+        if self.reduce_dim < 0 or self.pool_dim < 0:
+            raise ValueError(f"--reduce-dim and --pool-dim must be >= 0, got {self.reduce_dim} and {self.pool_dim}")
+        if self.wsdan_parts < 1:
+            raise ValueError(f"--wsdan-parts must be at least 1, got {self.wsdan_parts}")
+        fgvc_set = [flag for flag, value, default in (("--attention", self.attention, "none"), ("--pooling", self.pooling, "avg"),
+                    ("--loss", self.loss, "ce"), ("--reduce-dim", self.reduce_dim, 0), ("--pool-dim", self.pool_dim, 0))
+                    if value != default]
+        if fgvc_set and self.task != "fgvc":
+            raise ValueError(f"{', '.join(fgvc_set)} only apply to --task fgvc (got --task {self.task}); add --task fgvc")
 
 
 @dataclass
@@ -80,11 +105,11 @@ class TrainConfig:
 
     epochs: int = _f(30, "training epochs")
     optimizer: str = _f("adamw", "sgd, adamw, adam or rmsprop")
-    lr: float = _f(1e-3, "learning rate of the head, for --batch-size 32 (scaled linearly with the effective batch)")
+    lr: float = _f(5e-3, "learning rate of the head, for --batch-size 32 (scaled linearly with the effective batch)")
     backbone_lr_mult: float = _f(0.1, "the backbone's learning rate is lr times this")
     weight_decay: float = _f(0.05, "weight decay (not applied to norms and biases)")
     momentum: float = _f(0.9, "SGD/RMSprop momentum")
-    warmup_epochs: float = _f(1.0, "linear warmup length in epochs, then cosine decay to zero")
+    warmup_epochs: float = _f(0.5, "linear warmup length in epochs, then cosine decay to zero")
     label_smoothing: float = _f(0.1, "cross-entropy label smoothing")
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0 turns it off)")
     accum_steps: int = _f(1, "gradient accumulation steps")
@@ -128,6 +153,7 @@ class RunConfig:
 
     def check(self) -> None:
         self.data.check()
+        self.model.check()
         self.train.check()
         if self.data.val_fraction == 0 and self.train.patience:
             raise ValueError("--patience needs a validation split: drop --patience or set --val-fraction > 0")

@@ -36,7 +36,7 @@ def demo_config(*, epochs: int = 2, out: str = "runs", data: str | None = None, 
         data=DataConfig(data=data_path, dataset=dataset, download=dataset is not None, img_size=224,
                         batch_size=32, **({} if workers is None else {"workers": workers})),
         model=ModelConfig(backbone="efficientnet_lite0", pretrained=weights),
-        train=TrainConfig(epochs=epochs, lr=1e-3, warmup_epochs=0.5, out=out, name=None),
+        train=TrainConfig(epochs=epochs, out=out, name=None),
     )
 
 

@@ -60,6 +60,7 @@ class EpochSampler(Sampler[int]):
 def build_task_from_config(cfg: RunConfig, num_classes: int, *, pretrained: str | None = None):
     """The backbone and task a run config describes (``pretrained`` overrides the config's)."""
     m = cfg.model
+    m.check()
     model = create_backbone(
         m.backbone,
         num_classes=num_classes,

@@ -1,0 +1,106 @@
+"""Global pooling of a feature map ``[B, C, H, W]`` into one vector per image.
+
+"bilinear" follows "Bilinear CNN Models for Fine-grained Visual Recognition" (Lin, RoyChowdhury
+and Maji, arXiv:1504.07889); "compact_bilinear" follows "Compact Bilinear Pooling" (Gao, Beijbom,
+Zhang and Darrell, arXiv:1511.06062), its Tensor Sketch variant.
+
+Every pooling is an ``nn.Module`` built by ``build_pooling(name, in_dim, dim=...)`` with an
+``out_dim`` attribute; ``POOLINGS.names()`` lists them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finegrain.registry import Registry
+
+POOLINGS: Registry[type[nn.Module]] = Registry("pooling")
+
+FEATURE_MAP_ONLY = ("bilinear", "compact_bilinear")
+"""Poolings that need a 4-D feature map (not a ViT token sequence)."""
+
+
+def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``sign(x) * sqrt(|x|)``; ``eps`` keeps the gradient finite at zero."""
+    return torch.sign(x) * torch.sqrt(x.abs() + eps)
+
+
+@POOLINGS.register("avg")
+class AvgPool(nn.Module):
+    """Mean over spatial positions (``[B, C, H, W]``) or tokens (``[B, N, C]``)."""
+
+    def __init__(self, in_dim: int, *, dim: int = 0):
+        super().__init__()
+        self.out_dim = in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)) if x.ndim == 4 else x.mean(1)
+
+
+@POOLINGS.register("bilinear")
+class BilinearPool(nn.Module):
+    """B-CNN (symmetric): ``vec(X X^T) / HW`` over locations, signed square root, L2 norm.
+
+    The output has ``in_dim ** 2`` entries: reduce the channels first (``reduce_dim`` of the
+    fgvc task) for wide backbones.
+    """
+
+    def __init__(self, in_dim: int, *, dim: int = 0):
+        super().__init__()
+        self.out_dim = in_dim * in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = x.float().reshape(b, c, h * w)
+        gram = torch.bmm(x, x.transpose(1, 2)) / (h * w)
+        return F.normalize(signed_sqrt(gram.reshape(b, c * c)), dim=1)
+
+
+@POOLINGS.register("compact_bilinear")
+class CompactBilinearPool(nn.Module):
+    """Tensor Sketch approximation of bilinear pooling in ``dim`` dimensions.
+
+    Each location's feature ``x`` is sketched twice (``Ψ_k(x)[h_k(c)] += s_k(c) x_c``), the two
+    sketches are convolved circularly (a product of FFTs) and averaged over locations, so that
+    ``<TS(x), TS(y)> ≈ <x, y>^2``; then signed square root and L2 norm, as in the paper.
+    The random hashes are buffers: they are saved in checkpoints.
+
+    Args:
+        in_dim: channels C.
+        dim: sketch size D (the paper uses 8192 for VGG's 512 channels).
+        normalize: apply signed sqrt and L2 norm (off for the kernel-approximation test).
+        seed: seed of the hashes.
+    """
+
+    def __init__(self, in_dim: int, *, dim: int = 8192, normalize: bool = True, seed: int = 0):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"compact bilinear pooling needs a positive output dim, got {dim}")
+        g = torch.Generator().manual_seed(seed)
+        for k in (1, 2):
+            self.register_buffer(f"h{k}", torch.randint(dim, (in_dim,), generator=g))
+            self.register_buffer(f"s{k}", torch.randint(2, (in_dim,), generator=g).float() * 2 - 1)
+        self.out_dim, self.normalize = dim, normalize
+
+    def _sketch(self, x: torch.Tensor, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[0], self.out_dim)
+        return out.index_add(1, h, x * s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        loc = x.float().permute(0, 2, 3, 1).reshape(-1, c)  # [B*HW, C]
+        f1 = torch.fft.rfft(self._sketch(loc, self.h1, self.s1), dim=1)
+        f2 = torch.fft.rfft(self._sketch(loc, self.h2, self.s2), dim=1)
+        ts = torch.fft.irfft(f1 * f2, n=self.out_dim, dim=1)
+        y = ts.reshape(b, hh * ww, self.out_dim).mean(1)
+        return F.normalize(signed_sqrt(y), dim=1) if self.normalize else y
+
+
+def build_pooling(name: str, in_dim: int, *, dim: int = 0) -> nn.Module:
+    """Build pooling ``name`` for ``in_dim`` channels (``dim``: output size where it is a choice)."""
+    cls = POOLINGS.get(name)
+    if name == "compact_bilinear":
+        return cls(in_dim, dim=dim or 8192)
+    return cls(in_dim, dim=dim)

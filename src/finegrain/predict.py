@@ -13,7 +13,7 @@ from finegrain.data.base import IMAGE_EXTENSIONS
 from finegrain.data.loader import load_rgb
 from finegrain.data.transforms import eval_transform
 from finegrain.models.backbone import create_backbone
-from finegrain.tasks import Task, build_task
+from finegrain.tasks import TASKS, Task, build_task
 from finegrain.train.checkpoint import load_checkpoint
 from finegrain.utils import resolve_device
 
@@ -24,6 +24,8 @@ def task_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -
     m = ModelConfig(**{k: v for k, v in meta["model"].items() if k in ModelConfig.__dataclass_fields__})
     model = create_backbone(m.backbone, num_classes=meta["num_classes"], pretrained="none",
                             drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+    if meta["task"] not in TASKS:
+        import finegrain.fewshot  # noqa: F401  (registers the few-shot tasks, imported only when needed)
     task = build_task(meta["task"], model, meta["num_classes"], **meta.get("task_args", {}))
     if meta.get("structure"):  # a pruned model: re-shape the fresh layers to the stored sizes
         from finegrain.compress.prune import apply_structure

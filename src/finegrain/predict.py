@@ -109,7 +109,7 @@ class Predictor:
                 ready.append((i, self.transform(img)))
             except Exception as e:  # noqa: BLE001  (report, keep going)
                 results[i] = {"path": name, "error": f"cannot read image: {type(e).__name__}: {e}"}
-            if len(ready) == self.batch_size or (i == len(items) - 1 and ready):
+            if len(ready) == self.batch_size:
                 self._run(ready, items, results, k)
                 ready = []
         if ready:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 import torch
 from rich.console import Console
@@ -28,8 +29,6 @@ class _Bar:
         self.t0 = None
 
     def advance(self, n: int, **fields: float) -> None:
-        import time
-
         if self.t0 is None:
             self.t0 = time.perf_counter()
         self.done += n

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from finegrain.data.base import ImageList
 
@@ -57,32 +57,6 @@ def collate(items: list[dict]) -> dict:
         "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "skipped": skipped,
     }
-
-
-def make_loader(
-    images: ImageList,
-    transform: Callable,
-    *,
-    batch_size: int,
-    workers: int,
-    shuffle: bool,
-    seed: int = 0,
-    drop_last: bool = False,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader whose order and worker seeds depend only on ``seed`` (reproducible resumes)."""
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ImageDataset(images, transform),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        collate_fn=collate,
-        generator=g,
-        drop_last=drop_last and len(images) > batch_size,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

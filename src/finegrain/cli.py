@@ -27,6 +27,8 @@ _COMMAND_MODULES = (
     "finegrain.fewshot.cli",
     "finegrain.data.cli",
     "finegrain.compress.cli",
+    "finegrain.report.cli",
+    "finegrain.tune.cli",
 )
 
 

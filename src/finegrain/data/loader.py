@@ -23,16 +23,41 @@ def load_rgb(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
+ANNOTATION_FILES = {"boxes": "bounding_boxes.txt", "parts": "parts/part_locs.txt"}
+"""Annotation kinds a Task may need (``Task.annotations``) and the CUB file that provides each."""
+
+GEOMETRY_SAFE_AUGMENTS = ("none", "basic", "colorjitter")
+"""``--augment`` presets whose geometric changes (crop, flip) torchvision applies to boxes and points too."""
+
+
 class ImageDataset(Dataset):
     """Reads ``ImageList`` images; an unreadable image yields ``None`` instead of raising.
 
     ``collate`` drops those and reports their paths under ``batch["skipped"]``, so a training run
     can count and list them without stopping.
+
+    Args:
+        images: the images (and, for ``annotations``, their boxes and part locations).
+        transform: a torchvision v2 transform of the PIL image; with ``annotations`` it is called
+            as ``transform(image, boxes, keypoints)`` so that crops and flips move them too.
+        annotations: any of "boxes", "parts". Items then also hold ``"box"``: float ``[4]``
+            ``(x0, y0, x1, y1)`` and/or ``"parts"``: float ``[P, 3]`` ``(x, y, visible)``, both in
+            [0, 1] coordinates of the output image (``x = (column + 0.5) / width``, so a
+            horizontal flip maps ``x`` to ``1 - x``). Part ``i`` is part id ``i + 1``; a part is
+            visible when the annotation says so and it is still inside the output image. A box
+            cropped away entirely becomes the whole image. Left/right part names are not swapped
+            on a flip (they keep naming the bird's anatomical side).
     """
 
-    def __init__(self, images: ImageList, transform: Callable):
+    def __init__(self, images: ImageList, transform: Callable, annotations: tuple[str, ...] | list[str] = ()):
         self.images = images
         self.transform = transform
+        self.annotations = tuple(annotations)
+        check_annotations(images, self.annotations)
+        self.num_parts = 0
+        if "parts" in self.annotations:
+            ids = [pid for parts in images.parts for pid, *_ in parts]
+            self.num_parts = max(len(images.part_names or []), max(ids, default=0))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -43,7 +68,80 @@ class ImageDataset(Dataset):
             img = load_rgb(path)
         except Exception as e:  # noqa: BLE001  (any decoder failure means: skip this file)
             return {"skipped": path, "error": f"{type(e).__name__}: {e}"}
-        return {"image": self.transform(img), "label": self.images.labels[i], "index": i}
+        if not self.annotations:
+            return {"image": self.transform(img), "label": self.images.labels[i], "index": i}
+        return {**self._annotated(img, i), "label": self.images.labels[i], "index": i}
+
+    def _annotated(self, img, i: int) -> dict:
+        from torchvision import tv_tensors
+
+        w, h = img.size
+        extra = []
+        if "boxes" in self.annotations:
+            box = self.images.boxes[i] or (0.0, 0.0, float(w), float(h))
+            extra.append(tv_tensors.BoundingBoxes(torch.tensor([box], dtype=torch.float32), format="XYWH", canvas_size=(h, w)))
+        if "parts" in self.annotations:
+            xy, vis = torch.zeros(self.num_parts, 2), torch.zeros(self.num_parts)
+            for pid, x, y, visible in self.images.parts[i]:
+                xy[pid - 1] = torch.tensor([x, y])
+                vis[pid - 1] = float(visible)
+            extra.append(tv_tensors.KeyPoints(xy, canvas_size=(h, w)))
+        image, *moved = self.transform(img, *extra)
+        oh, ow = image.shape[-2:]
+        item = {"image": image}
+        if "boxes" in self.annotations:
+            from torchvision.transforms.v2.functional import convert_bounding_box_format
+
+            b = convert_bounding_box_format(moved.pop(0), new_format=tv_tensors.BoundingBoxFormat.XYXY)
+            b = (b.as_subclass(torch.Tensor)[0].float() / torch.tensor([ow, oh, ow, oh])).clamp(0, 1)
+            item["box"] = b if (b[2] > b[0] and b[3] > b[1]) else torch.tensor([0.0, 0.0, 1.0, 1.0])
+        if "parts" in self.annotations:
+            p = (moved.pop(0).as_subclass(torch.Tensor).float() + 0.5) / torch.tensor([ow, oh])
+            inside = ((p >= 0) & (p <= 1)).all(1)
+            item["parts"] = torch.cat([p, (vis.bool() & inside).float()[:, None]], 1)
+        return item
+
+
+def check_annotations(images: ImageList, needed, *, task: str = "", cache: bool = False, mixing: bool = False,
+                      augment: str = "basic", pipeline: str = "cpu") -> None:
+    """Refuse a training setup that cannot give a task the annotations it needs.
+
+    Args:
+        images: the data set.
+        needed: annotation kinds ("boxes", "parts"), e.g. ``Task.annotations``.
+        task: the task name, for the messages.
+        cache, mixing, augment, pipeline: the ``--cache``, ``--cutmix``/``--mixup``, ``--augment``
+            and ``--pipeline`` settings, refused when they would drop or scramble the annotations.
+
+    Raises:
+        FileNotFoundError: the data set has no such annotation; names the file it would come from.
+        ValueError: an unknown kind, or a conflicting option (the message names the flag to drop).
+    """
+    needed = tuple(needed)
+    if not needed:
+        return
+    who = f"--task {task}" if task else "this task"
+    for kind in needed:
+        if kind not in ANNOTATION_FILES:
+            raise ValueError(f"unknown annotation kind {kind!r}; known: {', '.join(ANNOTATION_FILES)}")
+        if (images.boxes if kind == "boxes" else images.parts) is None:
+            reader, _, root = images.source.partition(":")
+            where = Path(root) / ANNOTATION_FILES[kind] if reader == "cub" and root else ANNOTATION_FILES[kind]
+            raise FileNotFoundError(
+                f"{who} needs {kind} annotations, but the data set ({images.source or 'unknown source'}) has none: "
+                f"missing {ANNOTATION_FILES[kind]} (looked for {where}). Use a CUB-200-2011 folder that has it, or a method without annotations "
+                "(e.g. --task parts-weak instead of --task parts)")
+    if cache:
+        raise ValueError(f"--cache keeps decoded pixels only, not the {' and '.join(needed)} annotations {who} needs: drop --cache")
+    if pipeline == "device":
+        raise ValueError(f"the device pipeline decodes whole batches without the {' and '.join(needed)} annotations {who} "
+                         "needs: drop --pipeline device (or pass --pipeline cpu)")
+    if mixing:
+        raise ValueError(f"CutMix/MixUp paste or blend images, so the {' and '.join(needed)} annotations {who} "
+                         "learns from would no longer match: drop --cutmix and --mixup")
+    if augment not in GEOMETRY_SAFE_AUGMENTS:
+        raise ValueError(f"--augment {augment} moves pixels in ways the annotations cannot follow: drop --augment "
+                         f"or use one of {', '.join(GEOMETRY_SAFE_AUGMENTS)}")
 
 
 def collate(items: list[dict]) -> dict:
@@ -51,12 +149,16 @@ def collate(items: list[dict]) -> dict:
     skipped = [(it["skipped"], it["error"]) for it in items if "skipped" in it]
     if not good:
         return {"image": None, "label": None, "index": None, "skipped": skipped}
-    return {
+    batch = {
         "image": torch.stack([it["image"] for it in good]),
         "label": torch.tensor([it["label"] for it in good], dtype=torch.long),
         "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "skipped": skipped,
     }
+    for key in ("box", "parts"):
+        if key in good[0]:
+            batch[key] = torch.stack([it[key] for it in good])
+    return batch
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

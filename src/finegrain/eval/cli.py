@@ -14,6 +14,8 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--pipeline", default="cpu", choices=("cpu", "device"),
+                   help="cpu: the checkpoint's exact preprocessing per image; device: decode and crop whole batches on the device")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -21,7 +23,8 @@ def _cmd_eval(args) -> int:
     from finegrain.eval.evaluate import evaluate, print_summary
 
     m = evaluate(args.checkpoint, args.data, split=args.split, dataset=args.dataset, tta_flip=args.tta_flip,
-                 out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device)
+                 out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                 pipeline=args.pipeline)
     print_summary(m)
     print(f"results written to {m['out_dir']}")
     return 0

@@ -6,10 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from finegrain.data.datasets import open_dataset
-from finegrain.data.loader import ImageDataset, collate
+from finegrain.data.device import eval_batches
 from finegrain.eval.metrics import (
     classification_metrics,
     save_confusion_matrix_png,
@@ -33,6 +31,7 @@ def evaluate(
     batch_size: int = 64,
     workers: int = 2,
     device: str = "auto",
+    pipeline: str = "cpu",
 ) -> dict:
     """Evaluate ``checkpoint`` on ``split`` of ``data`` and write the results.
 
@@ -53,7 +52,8 @@ def evaluate(
             + (f"; unknown to the model: {extra}" if extra else "")
             + ". Evaluate on the data set the model was trained on."
         )
-    loader = DataLoader(ImageDataset(images, predictor.transform), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = eval_batches(images, predictor.meta["preprocessing"], predictor.device, pipeline=pipeline,
+                          transform=predictor.transform, batch_size=batch_size, workers=workers)
     t0 = time.perf_counter()
     with progress_bar(f"eval {split}", total=len(images)) as bar:
         logits, labels, skipped = predict_loader(predictor.task.predict, loader, device=predictor.device,
@@ -61,7 +61,7 @@ def evaluate(
     seconds = time.perf_counter() - t0
     metrics = classification_metrics(logits, labels, images.classes)
     metrics.update({
-        "checkpoint": str(path), "data": str(data), "split": split, "tta": "hflip" if tta_flip else "none",
+        "checkpoint": str(path), "data": str(data), "split": split, "tta": "hflip" if tta_flip else "none", "pipeline": pipeline,
         "skipped": [p for p, _ in skipped], "seconds": seconds, "images_per_s": len(labels) / max(seconds, 1e-9),
     })
     out = Path(out_dir) if out_dir else path.parent / f"eval-{split}"

@@ -28,11 +28,28 @@ class Task(nn.Module):
 
     name = "base"
 
+    annotations: tuple[str, ...] = ()
+    """Annotations the task trains with ("boxes", "parts"); ``fit`` checks that the data set has
+    them and the batches then hold ``"box"`` and/or ``"parts"`` (see ``ImageDataset``).
+    ``predict`` never needs them."""
+
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+
+    supports_class_weight = False
+    """Whether the task's cross-entropy honours :meth:`set_class_weight` (``--class-weights``)."""
+
+    class_weight: torch.Tensor | None = None
+
+    def set_class_weight(self, weight: torch.Tensor | None) -> None:
+        """Per-class weights ``[C]`` for the training loss (not saved: inference does not use them)."""
+        if weight is not None and not self.supports_class_weight:
+            raise ValueError(f"--class-weights is not supported by --task {self.name}; drop it, or balance the "
+                             "classes with --sampler balanced instead")
+        self.class_weight = weight
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -63,6 +80,14 @@ class Task(nn.Module):
         if self.inference_name and self.inference_name != self.name:
             return self.inference_name, {}, self.inference_state_dict()
         return self.name, self.task_args(), self.state_dict()
+
+    def annotation(self, batch: dict[str, Any], key: str) -> torch.Tensor:
+        """``batch[key]`` ("box" or "parts") as float on the images' device (the loop passes them on)."""
+        value = batch.get(key)
+        if value is None:
+            raise ValueError(f"task {self.name} trains with {key!r} annotations, but the batch has none: train it "
+                             f"through finegrain.train.run.fit, or pass batch[{key!r}] (see ImageDataset(annotations=...))")
+        return value.to(batch["image"].device, non_blocking=True).float()
 
     def new_parameter_names(self) -> set[str]:
         """Names of parameters that start untrained (they get the full learning rate)."""

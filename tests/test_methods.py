@@ -1,19 +1,22 @@
-"""Every attention x pooling of the fgvc task and every new task on the tiny test backbones:
+"""Every attention x pooling of the fgvc task and every registered task on the tiny test backbones:
 one train step (shapes, no NaN, every parameter gets a gradient) and a checkpoint round trip."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from finegrain.config import ModelConfig
 from finegrain.models.attention import ATTENTIONS
 from finegrain.models.backbone import create_backbone
 from finegrain.models.pooling import POOLINGS
 from finegrain.predict import task_from_checkpoint
-from finegrain.tasks import build_task
+from finegrain.tasks import TASKS, build_task
 from finegrain.tasks.wsdan import attention_crop, attention_drop, bilinear_attention_pooling
 from finegrain.train.checkpoint import save_checkpoint
 
@@ -24,7 +27,50 @@ NUM_CLASSES = 3
 def _batch(size: int = 64):
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 0, 1, 2])
-    return {"image": torch.randn(4, 3, size, size, generator=g), "label": labels, "target": labels}
+    parts = torch.rand(4, 15, 3, generator=g)
+    parts[..., 2] = (parts[..., 2] > 0.3).float()  # about a third of the parts invisible
+    box = torch.tensor([[0.1, 0.2, 0.8, 0.9], [0.0, 0.0, 1.0, 1.0], [0.3, 0.1, 0.6, 0.5], [0.2, 0.2, 0.9, 0.7]])
+    return {"image": torch.randn(4, 3, size, size, generator=g), "label": labels, "target": labels,
+            "box": box, "parts": parts}
+
+
+def make_cub_with_parts(root: Path, *, n_train: int = 4, n_test: int = 2, size: int = 48, boxes: bool = True,
+                        parts: bool = True, seed: int = 0) -> Path:
+    """A tiny CUB-200-2011 folder (3 coloured "species") with bounding_boxes.txt and the 15 part locations."""
+    rng = np.random.default_rng(seed)
+    base = root / "CUB_200_2011"
+    colours = {1: ("001.Red_Bird", (200, 40, 40)), 2: ("002.Green_Bird", (40, 180, 60)), 3: ("003.Blue_Bird", (50, 60, 210))}
+    files = {k: [] for k in ("images", "labels", "split", "boxes", "locs")}
+    image_id = 0
+    for cid, (folder, rgb) in colours.items():
+        for k in range(n_train + n_test):
+            image_id += 1
+            rel = f"{folder}/{folder.split('.')[1]}_{k:04d}.jpg"
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            (base / "images" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(base / "images" / rel, quality=90)
+            files["images"].append(f"{image_id} {rel}")
+            files["labels"].append(f"{image_id} {cid}")
+            files["split"].append(f"{image_id} {int(k < n_train)}")
+            x, y = rng.uniform(0, size / 3, 2)
+            files["boxes"].append(f"{image_id} {x:.1f} {y:.1f} {size / 2:.1f} {size / 2:.1f}")
+            for pid in range(1, 16):
+                visible = int(rng.random() > 0.2)
+                px, py = (rng.uniform(x, x + size / 2), rng.uniform(y, y + size / 2)) if visible else (0.0, 0.0)
+                files["locs"].append(f"{image_id} {pid} {px:.1f} {py:.1f} {visible}")
+    from finegrain.tasks.parts import CUB_PARTS
+
+    out = {"images.txt": files["images"], "image_class_labels.txt": files["labels"], "train_test_split.txt": files["split"],
+           "classes.txt": [f"{cid} {folder}" for cid, (folder, _) in colours.items()]}
+    if boxes:
+        out["bounding_boxes.txt"] = files["boxes"]
+    if parts:
+        out["parts/part_locs.txt"] = files["locs"]
+        out["parts/parts.txt"] = [f"{i} {n}" for i, n in enumerate(CUB_PARTS, 1)]
+    for name, lines in out.items():
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_text("\n".join(lines) + "\n")
+    return root
 
 
 def _train_step_and_roundtrip(backbone, task_name, tmp_path, size=64, **kw):
@@ -54,6 +100,33 @@ def _train_step_and_roundtrip(backbone, task_name, tmp_path, size=64, **kw):
     rebuilt, _ = task_from_checkpoint(path, "cpu")
     torch.testing.assert_close(rebuilt.predict(images), expected)
     return task, out
+
+
+REGISTRY_CASES = {  # task -> (backbone, image size or None for the backbone's native size, task kwargs)
+    "supervised": ("test_resnet", 32, {}),
+    "fgvc": ("test_efficientnet", 32, {}),
+    "wsdan": ("test_resnet", 64, {"num_parts": 4}),
+    "transfg": ("test_vit", None, {}),
+    "racnn": ("test_resnet", 64, {}),
+    "parts": ("test_efficientnet", 64, {}),
+    "parts-weak": ("test_resnet", 64, {}),
+}
+ELSEWHERE = {"distill": "needs a teacher checkpoint (tests/test_distill.py, tests/test_methods_more.py)",
+             "fewshot_baseline": "episodic (tests/test_fewshot.py)", "maml": "episodic", "protonet": "episodic",
+             "relationnet": "episodic"}
+
+
+def test_registry_cases_cover_every_task():
+    assert set(TASKS.names()) <= set(REGISTRY_CASES) | set(ELSEWHERE)
+
+
+@pytest.mark.parametrize("task_name", sorted(REGISTRY_CASES))
+def test_every_registered_task(task_name, tmp_path):
+    backbone, size, kw = REGISTRY_CASES[task_name]
+    size = size or create_backbone(backbone, num_classes=3).pretrained_cfg["input_size"][1]
+    task, _ = _train_step_and_roundtrip(backbone, task_name, tmp_path, size=size, **kw)
+    if task.annotations:  # the annotations are for training only: predict works without them
+        assert set(task.annotations) <= {"boxes", "parts"}
 
 
 @pytest.mark.parametrize("pooling", POOLINGS.names())
@@ -131,6 +204,8 @@ def test_model_config_check_names_the_flag():
     ["--task", "fgvc", "--attention", "se", "--pooling", "compact_bilinear", "--pool-dim", "64",
      "--loss", "ce+center:0.01+triplet:1"],
     ["--task", "wsdan", "--wsdan-parts", "4"],
+    ["--task", "racnn", "--racnn-scales", "2"],
+    ["--task", "parts-weak", "--parts-num", "2", "--parts-pool", "mil"],
 ])
 def test_train_and_predict_through_the_cli(image_folder, tmp_path, capsys, extra):
     from finegrain.cli import main

@@ -3,6 +3,15 @@
 Soft targets with temperature follow Hinton et al., "Distilling the Knowledge in a Neural
 Network" (arXiv:1503.02531); the optional feature term regresses the student's pooled features,
 through a linear projection, onto the teacher's (FitNets, Romero et al., arXiv:1412.6550).
+
+The optional attention transfer term follows "Paying More Attention to Attention: Improving the
+Performance of Convolutional Neural Networks via Attention Transfer" (Zagoruyko and Komodakis,
+ICLR 2017, arXiv:1612.03928): the spatial attention map of a stage, ``Q = mean_c A_c^2``
+flattened and L2-normalised, of the student's last stages is pulled towards the teacher's
+matching stages (``mean (Q_s - Q_t)^2`` as in the authors' code; a student map of another size
+is resized bilinearly to the teacher's first). The authors' ``beta = 1000`` with their
+``beta / 2`` factor is ``--kd-attention-weight 500``.
+
 The teacher is frozen, in eval mode, and is neither saved in the student's checkpoints nor
 given to the optimizer. A best checkpoint is a plain supervised model: predicting with it
 needs no teacher.
@@ -16,6 +25,31 @@ from torch import nn
 
 from finegrain.tasks.base import TASKS, Task
 from finegrain.tasks.supervised import soft_cross_entropy
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Attention transfer's spatial map ``[B, h, w]``: ``mean_c A_c^2`` (before normalisation)."""
+    return features.float().pow(2).mean(1)
+
+
+def attention_transfer_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_j mean (normalize(Q_s^j) - normalize(Q_t^j))^2`` over matching stages ``[B, C, h, w]``.
+
+    A student map of another size than the teacher's is resized (bilinear) to the teacher's.
+    """
+    total = 0.0
+    for fs, ft in zip(student, teacher, strict=True):
+        qs, qt = attention_map(fs), attention_map(ft)
+        if qs.shape[-2:] != qt.shape[-2:]:
+            qs = F.interpolate(qs[:, None], size=qt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        total = total + (F.normalize(qs.flatten(1), dim=1) - F.normalize(qt.flatten(1), dim=1)).pow(2).mean()
+    return total
+
+
+def stage_features(model: nn.Module, images: torch.Tensor, stages: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(forward_features(images), the last ``stages`` stage maps [B, C, h, w])`` in one pass."""
+    final, inter = model.forward_intermediates(images, indices=stages)
+    return final, list(inter)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -34,6 +68,8 @@ class DistillTask(Task):
         temperature: softening temperature T.
         alpha: weight of the distillation term.
         feature_weight: weight of the feature regression term (0 turns it off).
+        attention_weight: weight of the attention transfer term (0 turns it off).
+        attention_stages: number of last stages whose attention maps are matched.
         student_mean, student_std: normalisation of the student's inputs; the teacher's inputs are
             re-normalised to its own mean and std.
     """
@@ -43,7 +79,7 @@ class DistillTask(Task):
 
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0, teacher: str = "",
                  temperature: float = 4.0, alpha: float = 0.7, feature_weight: float = 0.0,
-                 student_mean=(0.485, 0.456, 0.406), student_std=(0.229, 0.224, 0.225)):
+                 attention_weight: float = 0.0, attention_stages: int = 3, student_mean=(0.485, 0.456, 0.406), student_std=(0.229, 0.224, 0.225)):
         super().__init__(model, num_classes, label_smoothing=label_smoothing)
         from finegrain.predict import task_from_checkpoint
 
@@ -60,6 +96,14 @@ class DistillTask(Task):
         self.args = {"teacher": str(teacher), "temperature": temperature, "alpha": alpha, "feature_weight": feature_weight,
                      "student_mean": list(student_mean), "student_std": list(student_std)}
         self.temperature, self.alpha, self.feature_weight = temperature, alpha, feature_weight
+        self.attention_weight, self.attention_stages = attention_weight, attention_stages
+        if attention_weight > 0:
+            self.args.update(attention_weight=attention_weight, attention_stages=attention_stages)
+            for who, net in (("student", model), ("teacher", teacher_task.model)):
+                if not hasattr(net, "forward_intermediates") or len(getattr(net, "feature_info", [])) < attention_stages:
+                    raise ValueError(f"--kd-attention-weight needs a {who} backbone with at least {attention_stages} "
+                                     f"stages and timm's forward_intermediates (resnet, efficientnet, convnext, vit, ...); "
+                                     f"{type(net).__name__} has none: drop --kd-attention-weight or pick such a backbone")
         tp = meta["preprocessing"]
         # x_teacher = (x_student * s_std + s_mean - t_mean) / t_std, folded into one scale and shift
         s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
@@ -73,7 +117,7 @@ class DistillTask(Task):
     def config_args(cls, cfg, preprocessing):
         m = cfg.model
         return {"teacher": m.teacher or "", "temperature": m.kd_temperature, "alpha": m.kd_alpha,
-                "feature_weight": m.kd_feature_weight, "student_mean": preprocessing["mean"],
+                "feature_weight": m.kd_feature_weight, "attention_weight": m.kd_attention_weight, "student_mean": preprocessing["mean"],
                 "student_std": preprocessing["std"]}
 
     def _apply(self, fn, *args, **kwargs):
@@ -87,11 +131,15 @@ class DistillTask(Task):
 
     def forward(self, batch):
         x = batch["image"]
-        feats = self.model.forward_features(x)
+        at = self.attention_weight > 0
+        feats, s_stages = stage_features(self.model, x, self.attention_stages) if at else (self.model.forward_features(x), [])
         logits = self.model.forward_head(feats)
         with torch.no_grad():
             xt = x * self.t_scale + self.t_shift
-            t_feats = self.teacher.model.forward_features(xt)
+            if at:
+                t_feats, t_stages = stage_features(self.teacher.model, xt, self.attention_stages)
+            else:
+                t_feats = self.teacher.model.forward_features(xt)
             t_logits = self.teacher.model.forward_head(t_feats)
         target = batch.get("target", batch["label"])
         ce = soft_cross_entropy(logits, target, self.label_smoothing)
@@ -104,6 +152,10 @@ class DistillTask(Task):
             feat = F.mse_loss(self.feature_proj(s_pre.float()), t_pre.float())
             loss = loss + self.feature_weight * feat
             out["feature"] = feat.detach()
+        if at:
+            att = attention_transfer_loss(s_stages, t_stages)
+            loss = loss + self.attention_weight * att
+            out["attention"] = att.detach()
         out["loss"] = loss
         return out
 

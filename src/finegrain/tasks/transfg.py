@@ -70,6 +70,11 @@ class TransFGTask(Task):
         self.contrastive_weight, self.margin = contrastive_weight, margin
         self.args = {"contrastive_weight": contrastive_weight, "margin": margin, "label_smoothing": label_smoothing}
 
+    @classmethod
+    def config_args(cls, cfg, preprocessing):
+        m = cfg.model
+        return {"contrastive_weight": m.transfg_contrastive_weight, "margin": m.transfg_margin}
+
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normed tokens after the last layer [B, prefix + heads, C], selected indices [B, heads])``."""
         m = self.model

@@ -46,7 +46,23 @@ def test_health_labels_and_page(client):
     assert client.get("/labels").json() == {"classes": CLASSES, "num_classes": 3}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "Drop an image" in page.text and 'fetch("predict"' in page.text
+    assert "Drop an image" in page.text and 'post("predict"' in page.text and 'post("explain"' in page.text
+
+
+def test_explain_returns_a_gradcam_png_of_the_predicted_class(client, predictor):
+    import base64
+
+    data = jpeg((64, 48))
+    r = client.post("/explain", files={"file": ("a.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["method"] == "gradcam" and j["heatmap"].startswith("data:image/png;base64,")
+    png = Image.open(io.BytesIO(base64.b64decode(j["heatmap"].split(",", 1)[1])))
+    assert png.size == (32, 32)  # the eval crop
+    ref = predictor.predict([Image.open(io.BytesIO(data))], topk=1)[0]["topk"][0]
+    assert j["index"] == ref["index"] and j["class"] == ref["class"]
+    r = client.post("/explain", files={"file": ("a.txt", b"nope", "image/jpeg")})
+    assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
 
 
 def test_predict_multipart_matches_predictor(client, predictor):

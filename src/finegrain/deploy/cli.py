@@ -19,6 +19,24 @@ def add_commands(sub) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("quantize", help="INT8 ONNX model of a checkpoint: static PTQ, or --qat to fine-tune with fake "
+                                        "quantization first when PTQ loses too much accuracy")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("--data", required=True, help="the training data (class folders train/ [test/]): calibration, "
+                                                 "QAT fine-tuning and verification images")
+    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning before quantizing")
+    p.add_argument("--out", default=None, help="INT8 .onnx file (default: beside the checkpoint, <stem>.int8.onnx or "
+                                               "<stem>.qat.int8.onnx)")
+    p.add_argument("--epochs", type=int, default=1, help="QAT epochs")
+    p.add_argument("--lr", type=float, default=5e-5, help="QAT peak learning rate (AdamW, cosine)")
+    p.add_argument("--max-train-images", type=int, default=None, help="QAT on a seeded subset of this many images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--calib-images", type=int, default=64, help="images that set the initial (PTQ: final) ranges")
+    p.add_argument("--verify-images", type=int, default=32, help="test images to compare with the eager model")
+    p.add_argument("--device", default="auto", help="QAT training device")
+    p.set_defaults(func=_cmd_quantize)
+
 
 def _cmd_export(args) -> int:
     from finegrain.deploy.onnx import export_checkpoint
@@ -37,5 +55,38 @@ def _cmd_export(args) -> int:
         print(f"{name:<6} {v['max_abs_diff']:>14.3g} {100 * v['top1_agreement']:>15.1f}%")
     if "int8_path" in s:
         print(f"int8 model: {s['int8_path']} ({s['calibration_images']} calibration images, {s['quantize_seconds']} s)")
+    print(json.dumps(s))
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from finegrain.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    data = Path(args.data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data} is not a folder")
+    if args.qat:
+        from finegrain.deploy.qat import qat_checkpoint
+
+        out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + ".qat.int8.onnx")
+        s = qat_checkpoint(ckpt, out, data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                           workers=args.workers, calib_images=args.calib_images, verify_images=args.verify_images,
+                           max_train_images=args.max_train_images, device=args.device)
+        s.pop("history")
+        print(f"QAT int8 model: {s['int8_path']} ({s['qat_scaled_tensors']}/{s['quantized_tensors']} activation "
+              f"tensors with QAT scales); fine-tuned checkpoint: {s['qat_checkpoint']}")
+    else:
+        from finegrain.deploy.onnx import export_checkpoint
+
+        out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + ".int8.onnx")
+        stem = out.name[: -len(".onnx")].removesuffix(".int8") if out.suffix == ".onnx" else out.stem
+        s = export_checkpoint(ckpt, out.with_name(stem + ".onnx"), int8=True, calib_data=data / "train"
+                              if (data / "train").is_dir() else data, calib_images=args.calib_images,
+                              verify_data=data / "test" if (data / "test").is_dir() else data,
+                              verify_images=args.verify_images)
+        print(f"PTQ int8 model: {s['int8_path']} ({s['calibration_images']} calibration images)")
+    for name, v in s["verify"].items():
+        print(f"{name:<20} max abs diff {v['max_abs_diff']:.3g}  top-1 agreement {100 * v['top1_agreement']:.1f}%")
     print(json.dumps(s))
     return 0

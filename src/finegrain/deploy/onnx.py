@@ -15,7 +15,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -222,7 +222,8 @@ def verify_export(path: str | Path, predictor: Predictor, images: torch.Tensor, 
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: torch.Tensor, *, per_channel: bool = True,
-                  batch_size: int = 8) -> Path:
+                  batch_size: int = 8, tensor_overrides: Callable[[Path], dict] | None = None,
+                  report: dict | None = None) -> Path:
     """ONNX Runtime static INT8 quantization (QDQ, uint8 activations, int8 weights).
 
     Args:
@@ -231,6 +232,12 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: torc
         calibration: preprocessed real images ``[N, 3, H, W]`` to collect activation ranges.
         per_channel: per-output-channel weight scales (much better accuracy for depthwise convs).
         batch_size: calibration batch size.
+        tensor_overrides: called with the pre-processed float model that is quantized; returns
+            ONNX Runtime ``TensorQuantOverrides`` (``{tensor: [{"scale", "zero_point"}]}``) that
+            replace calibrated ranges, e.g. the scales learned by QAT (:mod:`finegrain.deploy.qat`).
+        report: if given, filled with ``quantized_activations`` (activation tensors with a
+            QuantizeLinear), ``overridden`` (how many of them took their scale from
+            ``tensor_overrides``) and ``calibrated`` (the names of the others, when overriding).
     """
     onnx, _ = _require_onnx()
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -254,12 +261,22 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: torc
     except Exception:  # noqa: BLE001  (pre-processing is an optimisation, not a requirement)
         source = fp32_path
     try:
+        overrides = tensor_overrides(source) if tensor_overrides is not None else {}
         quantize_static(str(source), str(out_path), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"TensorQuantOverrides": overrides} if overrides else None)
     finally:
         prepared.unlink(missing_ok=True)
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
     q = onnx.load(str(out_path))
+    if report is not None:
+        # ONNX Runtime renames tensors when it drops Clip/Relu, so count by the parameters themselves
+        init = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+        pinned = {(float(o[0]["scale"]), int(o[0]["zero_point"])) for o in overrides.values()}
+        quantized = {(n.input[0], float(init[n.input[1]]), int(init[n.input[2]])) for n in q.graph.node
+                     if n.op_type == "QuantizeLinear" and n.input[0] not in init}
+        report.update(quantized_activations=len(quantized), overridden=sum((s, z) in pinned for _, s, z in quantized),
+                      calibrated=sorted(n for n, s, z in quantized if (s, z) not in pinned) if overrides else [])
     _set_metadata(q, {**{p.key: p.value for p in fp32.metadata_props}, "quantization": "int8-static-qdq-per-channel"
                       if per_channel else "int8-static-qdq", "calibration_images": str(len(calibration))})
     onnx.save(q, str(out_path))

@@ -1,4 +1,4 @@
-"""FastAPI app factory: ``POST /predict``, ``GET /labels``, ``GET /health`` and a small page at ``/``.
+"""FastAPI app factory: ``POST /predict``, ``POST /explain``, ``GET /labels``, ``GET /health`` and a page at ``/``.
 
 Requests are decoded and preprocessed in the threadpool (in parallel), then a single worker
 thread gathers them into micro-batches (up to ``batch_size`` images, waiting at most
@@ -84,6 +84,7 @@ class MicroBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.model_lock = threading.Lock()  # held while the model runs; other users of the model take it too
         self.batches = 0
         self.images = 0
 
@@ -126,7 +127,8 @@ class MicroBatcher:
                     break
                 items.append(nxt)
             try:
-                probs = self.predictor.logits(torch.stack([t for t, _ in items])).softmax(1).cpu()
+                with self.model_lock:
+                    probs = self.predictor.logits(torch.stack([t for t, _ in items])).softmax(1).cpu()
                 self.batches += 1
                 self.images += len(items)
                 for (_, fut), p in zip(items, probs):
@@ -232,6 +234,29 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
             "elapsed_ms": round(1000 * (time.perf_counter() - start), 2),
         }
 
+    def _heatmap(image) -> dict[str, Any]:
+        import base64
+
+        from finegrain.explain.cam import display_crop, explain, overlay
+
+        with batcher.model_lock:  # Grad-CAM needs the model to itself (gradients through the head)
+            (heat, cls), = explain(predictor, [image])
+        buf = io.BytesIO()
+        overlay(display_crop(image, predictor.meta["preprocessing"]), heat).save(buf, "PNG")
+        return {"class": classes[cls], "index": cls, "method": "gradcam",
+                "heatmap": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")}
+
+    @app.post("/explain")
+    async def explain_route(request: Request) -> dict[str, Any]:
+        """Grad-CAM of the predicted class over the eval crop, as a PNG data URL (field ``heatmap``)."""
+        start = time.perf_counter()
+        data = await _read_upload(request)
+        image = await run_in_threadpool(decode_image, data, max_pixels=max_pixels)
+        try:
+            out = await run_in_threadpool(_heatmap, image)
+        except ValueError as e:  # a model the method cannot explain
+            raise InputError(422, f"cannot explain this model: {e}") from e
+        return {**out, "elapsed_ms": round(1000 * (time.perf_counter() - start), 2)}
 
     @app.get("/labels")
     def labels() -> dict[str, Any]:
@@ -256,48 +281,74 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>finegrain</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
- body { font-family: system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
- #drop { border: 2px dashed #888; border-radius: 8px; padding: 2rem; text-align: center; cursor: pointer; }
+ body { font-family: system-ui, sans-serif; max-width: 48rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+ h1 { margin-bottom: .25rem; }
+ #model { color: #666; margin-top: 0; }
+ #drop { border: 2px dashed #888; border-radius: 8px; padding: 1.5rem; text-align: center; cursor: pointer; }
  #drop.over { background: #eef; }
- img { max-width: 100%; max-height: 20rem; margin-top: 1rem; }
- table { border-collapse: collapse; margin-top: 1rem; width: 100%; }
- td { padding: .25rem .5rem; border-bottom: 1px solid #ddd; }
- .bar { background: #4a7; height: .8rem; }
+ #result { display: flex; flex-wrap: wrap; gap: 1rem; margin-top: 1rem; }
+ figure { margin: 0; flex: 1 1 14rem; }
+ figure img { display: block; width: 100%; aspect-ratio: 1 / 1; object-fit: contain; background: #f4f4f4;
+              border-radius: 4px; }
+ figcaption { font-size: .85rem; color: #555; margin-top: .25rem; }
+ #out { flex: 1 1 100%; }
+ table { border-collapse: collapse; width: 100%; }
+ td { padding: .3rem .5rem; border-bottom: 1px solid #ddd; }
+ td.score { text-align: right; width: 4.5rem; font-variant-numeric: tabular-nums; }
+ td.barcell { width: 40%; }
+ .bar { background: #4a7; height: .8rem; border-radius: 2px; min-width: 1px; }
  .err { color: #b00; }
 </style></head>
 <body>
 <h1>finegrain</h1>
 <p id="model"></p>
 <div id="drop">Drop an image here, or click to choose one.<input id="file" type="file" accept="image/*" hidden></div>
-<img id="preview" alt="" hidden>
-<div id="out"></div>
+<div id="result">
+ <figure id="preview-fig" hidden><img id="preview" alt="uploaded image"><figcaption>your image</figcaption></figure>
+ <figure id="heatmap-fig" hidden><img id="heatmap" alt="Grad-CAM heatmap"><figcaption id="heatmap-caption"></figcaption></figure>
+ <div id="out" aria-live="polite"></div>
+</div>
 <script>
-const drop = document.getElementById("drop"), file = document.getElementById("file"), out = document.getElementById("out");
+const $ = id => document.getElementById(id);
+const drop = $("drop"), file = $("file"), out = $("out");
 fetch("health").then(r => r.json()).then(h => {
-  document.getElementById("model").textContent = `${h.backbone} (${h.task}), ${h.num_classes} classes`; });
+  $("model").textContent = `${h.backbone} (${h.task}), ${h.num_classes} classes, ${h.img_size} px`; });
 drop.onclick = () => file.click();
 file.onchange = () => file.files[0] && send(file.files[0]);
 drop.ondragover = e => { e.preventDefault(); drop.classList.add("over"); };
 drop.ondragleave = () => drop.classList.remove("over");
 drop.ondrop = e => { e.preventDefault(); drop.classList.remove("over"); e.dataTransfer.files[0] && send(e.dataTransfer.files[0]); };
-async function send(f) {
-  const img = document.getElementById("preview");
-  img.src = URL.createObjectURL(f); img.hidden = false; out.textContent = "...";
+function error(status, j) {
+  const p = document.createElement("p"); p.className = "err";
+  p.textContent = `Error ${status}: ${typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail)}`;
+  return p;
+}
+async function post(route, f) {
   const body = new FormData(); body.append("file", f);
-  const r = await fetch("predict", { method: "POST", body });
-  const j = await r.json();
-  if (!r.ok) { out.innerHTML = ""; const p = document.createElement("p"); p.className = "err";
-    p.textContent = `Error ${r.status}: ${typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail)}`;
-    out.appendChild(p); return; }
-  const t = document.createElement("table");
+  const r = await fetch(route, { method: "POST", body });
+  return [r, await r.json()];
+}
+async function send(f) {
+  $("preview").src = URL.createObjectURL(f); $("preview-fig").hidden = false;
+  $("heatmap-fig").hidden = true; $("heatmap").removeAttribute("src");
+  out.textContent = "classifying...";
+  const [r, j] = await post("predict", f);
+  out.innerHTML = "";
+  if (!r.ok) { out.appendChild(error(r.status, j)); return; }
+  const t = document.createElement("table"); t.id = "topk";
   for (const c of j.topk) {
     const row = t.insertRow();
     row.insertCell().textContent = c.class;
-    row.insertCell().textContent = (100 * c.score).toFixed(1) + "%";
+    const s = row.insertCell(); s.className = "score"; s.textContent = (100 * c.score).toFixed(1) + "%";
     const bar = document.createElement("div"); bar.className = "bar"; bar.style.width = (100 * c.score) + "%";
-    row.insertCell().appendChild(bar);
+    const b = row.insertCell(); b.className = "barcell"; b.appendChild(bar);
   }
-  out.innerHTML = ""; out.appendChild(t);
+  out.appendChild(t);
+  const [e, h] = await post("explain", f);
+  if (!e.ok) { out.appendChild(error(e.status, h)); return; }
+  $("heatmap").src = h.heatmap;
+  $("heatmap-caption").textContent = `Grad-CAM: where the model looks for "${h.class}"`;
+  $("heatmap-fig").hidden = false;
 }
 </script>
 </body></html>

@@ -66,8 +66,8 @@ def compute_only(model, device, bs, size, steps, compile_):
     y = torch.randint(0, 2, (bs,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     f = torch.compile(model) if compile_ else model
-    for i in range(steps + 3):
-        if i == 3:
+    for i in range(steps + 5):
+        if i == 5:
             _sync(device)
             t0 = time.perf_counter()
         with autocast(device, True, cpu=True):

@@ -35,6 +35,7 @@ METHODS = {  # name -> ModelConfig fields
     "fgvc-dual": dict(task="fgvc", attention="dual"),
     "fgvc-compact_bilinear": dict(task="fgvc", pooling="compact_bilinear", pool_dim=2048),
     "fgvc-bilinear-reduce128": dict(task="fgvc", pooling="bilinear", reduce_dim=128),
+    "fgvc-netvlad-reduce128": dict(task="fgvc", pooling="netvlad", reduce_dim=128),
     "fgvc-center-triplet": dict(task="fgvc", loss="ce+center:0.01+triplet:1.0"),
     "wsdan-m8": dict(task="wsdan", wsdan_parts=8),
     "racnn-s2": dict(task="racnn", racnn_scales=2),
@@ -85,7 +86,7 @@ def main() -> None:
                 DataConfig(data=str(data), img_size=args.img_size, batch_size=args.batch_size, workers=1,
                            val_fraction=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
                 ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS), **METHODS[name]),
-                TrainConfig(epochs=args.epochs, lr=1e-3, warmup_epochs=0.2, device="cpu", out=tmp, name=name, seed=0),
+                TrainConfig(epochs=args.epochs, device="cpu", out=tmp, name=name, seed=0),  # the default recipe
             )
             t0 = time.perf_counter()
             result = fit(cfg)

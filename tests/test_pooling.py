@@ -107,3 +107,27 @@ def test_unknown_names_suggest_close_ones():
         POOLINGS.get("compact-bilinear")
     with pytest.raises(ValueError, match="cbam"):
         ATTENTIONS.get("cbm")
+
+
+def test_netvlad_matches_a_naive_loop():
+    from finegrain.models.pooling import NetVLADPool
+
+    torch.manual_seed(0)
+    pool = NetVLADPool(5, dim=3)
+    x = torch.randn(2, 5, 4, 3)
+    out = pool(x)
+    assert out.shape == (2, 15)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    for b in range(2):
+        v = torch.zeros(3, 5)
+        for i in range(4):
+            for j in range(3):
+                f = xn[b, :, i, j]
+                logits = pool.assign.weight[:, :, 0, 0] @ f + pool.assign.bias
+                a = torch.softmax(logits, 0)
+                for k in range(3):
+                    v[k] += a[k] * (f - pool.centers[k])
+        ref = torch.nn.functional.normalize(torch.nn.functional.normalize(v, dim=1).flatten(), dim=0)
+        assert torch.allclose(out[b], ref, atol=1e-5)
+    out.sum().backward()
+    assert pool.centers.grad is not None and pool.assign.weight.grad is not None

@@ -122,3 +122,14 @@ def test_eval_robust_cli_end_to_end(trained_run, tmp_path):
     assert again["results"]["occlusion"]["5"] == r["results"]["occlusion"]["5"]  # seeded: same numbers
     with pytest.raises(ValueError, match="severities"):
         robustness_eval(result.run_dir, data, severities=[0], device="cpu")
+
+
+def test_eval_with_corruptions_flag(trained_run, capsys):
+    from finegrain.cli import main
+
+    result, data = trained_run
+    rc = main(["eval", str(result.run_dir), "--data", str(data), "--workers", "0", "--device", "cpu",
+               "--corruptions", "gaussian_blur"])
+    assert rc == 0
+    r = json.loads((result.best_checkpoint.parent / "robust-test" / "robustness.json").read_text())
+    assert set(r["results"]) == {"gaussian_blur"} and set(r["results"]["gaussian_blur"]) == {"1", "2", "3", "4", "5"}

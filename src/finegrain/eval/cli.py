@@ -14,6 +14,9 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--corruptions", nargs="*", default=None, metavar="NAME",
+                   help="also evaluate under corruptions at severities 1-5 and report the drop (no names: all; "
+                        "same as `finegrain eval-robust`)")
     p.add_argument("--pipeline", default="cpu", choices=("cpu", "device"),
                    help="cpu: the checkpoint's exact preprocessing per image; device: decode and crop whole batches on the device")
     p.set_defaults(func=_cmd_eval)
@@ -27,4 +30,12 @@ def _cmd_eval(args) -> int:
                  pipeline=args.pipeline)
     print_summary(m)
     print(f"results written to {m['out_dir']}")
+    if args.corruptions is not None:
+        from finegrain.eval.robustness import print_robustness, robustness_eval
+
+        r = robustness_eval(args.checkpoint, args.data, split=args.split, dataset=args.dataset,
+                            corruptions=args.corruptions or None, batch_size=args.batch_size, workers=args.workers,
+                            device=args.device)
+        print_robustness(r)
+        print(f"robustness results written to {r['out_dir']}")
     return 0

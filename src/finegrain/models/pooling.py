@@ -2,7 +2,9 @@
 
 "bilinear" follows "Bilinear CNN Models for Fine-grained Visual Recognition" (Lin, RoyChowdhury
 and Maji, arXiv:1504.07889); "compact_bilinear" follows "Compact Bilinear Pooling" (Gao, Beijbom,
-Zhang and Darrell, arXiv:1511.06062), its Tensor Sketch variant.
+Zhang and Darrell, arXiv:1511.06062), its Tensor Sketch variant. "netvlad" aggregates the local
+features of the last map around learned centres, after "NetVLAD: CNN architecture for weakly
+supervised place recognition" (Arandjelović, Gronat, Torii, Pajdla and Sivic, arXiv:1511.07247).
 
 Every pooling is an ``nn.Module`` built by ``build_pooling(name, in_dim, dim=...)`` with an
 ``out_dim`` attribute; ``POOLINGS.names()`` lists them.
@@ -18,7 +20,7 @@ from finegrain.registry import Registry
 
 POOLINGS: Registry[type[nn.Module]] = Registry("pooling")
 
-FEATURE_MAP_ONLY = ("bilinear", "compact_bilinear")
+FEATURE_MAP_ONLY = ("bilinear", "compact_bilinear", "netvlad")
 """Poolings that need a 4-D feature map (not a ViT token sequence)."""
 
 
@@ -96,6 +98,30 @@ class CompactBilinearPool(nn.Module):
         ts = torch.fft.irfft(f1 * f2, n=self.out_dim, dim=1)
         y = ts.reshape(b, hh * ww, self.out_dim).mean(1)
         return F.normalize(signed_sqrt(y), dim=1) if self.normalize else y
+
+
+@POOLINGS.register("netvlad")
+class NetVLADPool(nn.Module):
+    """Local feature aggregation: soft-assign each location to ``K`` learned centres and sum the residuals.
+
+    ``V[k] = sum_i a_k(x_i) (x_i - c_k)`` with ``a = softmax_k(w_k . x_i + b_k)`` over the locations
+    ``x_i`` of the L2-normalised feature map; each ``V[k]`` is L2-normalised (intra-normalisation),
+    then the flattened ``K x C`` vector. ``dim`` is K (default 16); the output has ``K * C`` entries.
+    """
+
+    def __init__(self, in_dim: int, *, dim: int = 16):
+        super().__init__()
+        k = dim or 16
+        self.assign = nn.Conv2d(in_dim, k, 1)
+        self.centers = nn.Parameter(torch.randn(k, in_dim) * 0.1)
+        self.out_dim, self.k = k * in_dim, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=1)
+        a = torch.softmax(self.assign(x).flatten(2), dim=1)  # [B, K, HW]
+        feats = x.flatten(2)  # [B, C, HW]
+        v = torch.einsum("bkn,bcn->bkc", a, feats) - a.sum(2).unsqueeze(2) * self.centers.unsqueeze(0)
+        return F.normalize(F.normalize(v, dim=2).flatten(1), dim=1)
 
 
 def build_pooling(name: str, in_dim: int, *, dim: int = 0) -> nn.Module:

@@ -257,12 +257,15 @@ def _fit(cfg: RunConfig, world: World, device: torch.device, max_epochs: int | N
     else:  # rank 0 names and makes the folder; the others use the same one
         run_dir = Path(dist_.broadcast_object(world, str(_new_run_dir(cfg)) if main else None))
     split_file = run_dir / "split.json"
-    if split_file.exists():
-        train_idx, val_idx = load_split(split_file, images)
-    else:
-        train_idx, val_idx = stratified_split(images.labels, cfg.data.val_fraction, cfg.data.split_seed)
-        if main:
+    if main:  # rank 0 reads or writes the split; the others read it once it is complete
+        if split_file.exists():
+            train_idx, val_idx = load_split(split_file, images)
+        else:
+            train_idx, val_idx = stratified_split(images.labels, cfg.data.val_fraction, cfg.data.split_seed)
             save_split(split_file, images, train_idx, val_idx, fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    dist_.barrier(world)
+    if not main:
+        train_idx, val_idx = load_split(split_file, images)
     train_set, val_set = images.subset(train_idx), images.subset(val_idx)
     empty = [c for c, n in zip(images.classes, train_set.class_counts()) if n == 0]
     if empty:

@@ -386,7 +386,7 @@ def _fit(cfg: RunConfig, world: World, device: torch.device, max_epochs: int | N
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "lr": optimizer.param_groups[-1]["lr"],
                    "images_per_s": tr["images_per_s"], "epoch_seconds": tr["seconds"], "skipped_images": len(skipped)}
             if len(val_set):
-                row.update(_validate(eval_module, val_set, t_eval, cfg, device, world))
+                row.update(_validate(eval_module, val_set, t_eval, prep, cfg, device, world))
             if main:
                 logger.log(row)
                 _print_epoch(row)
@@ -425,10 +425,6 @@ def _fit(cfg: RunConfig, world: World, device: torch.device, max_epochs: int | N
         console.print(f"[yellow]{len(skipped)} unreadable images were skipped; list in {run_dir / 'skipped_images.txt'}")
     best = run_dir / "best.safetensors"
     return RunResult(run_dir, best, best_epoch, best_top1, epoch + 1, stopped_early, interrupted)
-
-
-def preprocessing_of(module, cfg: RunConfig) -> dict:
-    return preprocessing(cfg, module.model)
 
 
 def pipeline_for(cfg: RunConfig, device: torch.device) -> str:
@@ -502,13 +498,13 @@ def _reduce_train(world: World, tr: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def _validate(module, val_set: ImageList, transform, cfg: RunConfig, device, world: World = World()) -> dict:
+def _validate(module, val_set: ImageList, transform, prep: dict, cfg: RunConfig, device, world: World = World()) -> dict:
     """Validation loss and top-1; in a distributed run each rank predicts every N-th image and the sums are reduced."""
     module.eval()
     mine = list(range(world.rank, len(val_set), world.size))
     loss_sum = correct = n = 0.0
     if mine:
-        loader = eval_batches(val_set.subset(mine), preprocessing_of(module, cfg), device, pipeline=pipeline_for(cfg, device),
+        loader = eval_batches(val_set.subset(mine), prep, device, pipeline=pipeline_for(cfg, device),
                               transform=transform, batch_size=cfg.data.batch_size * 2, workers=cfg.data.workers)
         logits, labels, _ = predict_loader(module.predict, loader, device=device, amp=cfg.train.amp,
                                            channels_last=cfg.train.channels_last)

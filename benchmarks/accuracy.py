@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="/tmp/finegrain-bench-runs")
+    ap.add_argument("--name", default="accuracy", help="results file name (benchmarks/results/NAME-<machine>.json)")
     ap.add_argument("--reuse-baseline", default=None,
                     help="take the baseline runs from an earlier results JSON of this script (same epochs and seeds) instead of re-running them")
     args = ap.parse_args()
@@ -128,7 +129,7 @@ def main() -> None:
     print_table(rows, ["recipe", "top-1", "mean per-class", "wall s/run"])
     gain = results[0]["top1_mean"] - results[1]["top1_mean"]
     print(f"finegrain - baseline: {gain:+.2f} top-1 points")
-    path = write_results("accuracy", {"data": "cub50 (50 CUB-200-2011 species, 1449 train / 1500 test, 227 px copies)",
+    path = write_results(args.name, {"data": "cub50 (50 CUB-200-2011 species, 1449 train / 1500 test, 227 px copies)",
                                       "backbone": "efficientnet_lite0 (ImageNet-1k weights)", "img_size": 224,
                                       "epochs": args.epochs, "seeds": args.seeds,
                                       "budget": "full (issue: 30 epochs)" if args.epochs >= 30 else f"reduced: {args.epochs} epochs",

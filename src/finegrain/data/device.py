@@ -232,7 +232,7 @@ def device_batch(batch: dict, device: torch.device, augment: DeviceAugment) -> d
         if batch["image"] is None:
             return {**batch, "skipped": skipped}
         images, sizes, index = batch["image"].to(device, non_blocking=True), batch["sizes"], batch["index"]
-    return {"image": augment.to(device)(images, sizes), "label": labels.to(device, non_blocking=True),
+    return {"image": augment(images, sizes), "label": labels.to(device, non_blocking=True),
             "index": index, "skipped": skipped}
 
 

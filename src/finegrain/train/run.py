@@ -448,10 +448,12 @@ def build_train_data(cfg: RunConfig, images: ImageList, train_idx: list[int], pr
     cache = None
     if cfg.data.cache:
         short_side = round(1.15 * cfg.data.img_size)
-        if world.is_main:  # rank 0 builds (or verifies) the cache while the others wait, then they open it
-            open_or_build_cache(images, cfg.data.cache_dir, short_side, workers=max(1, cfg.data.workers))
+        # rank 0 builds (or verifies) the cache while the others wait, then they open it
+        if world.is_main:
+            cache = open_or_build_cache(images, cfg.data.cache_dir, short_side, workers=max(1, cfg.data.workers))
         dist_.barrier(world)
-        cache = open_or_build_cache(images, cfg.data.cache_dir, short_side, workers=max(1, cfg.data.workers))
+        if cache is None:
+            cache = open_or_build_cache(images, cfg.data.cache_dir, short_side, workers=max(1, cfg.data.workers))
     if pipeline_for(cfg, device) == "device":
         augment = DeviceAugment(cfg.data.img_size, scale_min=cfg.data.scale_min, mean=prep["mean"], std=prep["std"],
                                 jitter=0.3 if cfg.data.augment == "colorjitter" else 0.0)

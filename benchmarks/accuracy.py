@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 
 from _common import SHARED, print_table, write_results
 from finegrain import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, fit, open_dataset
-from finegrain.data.loader import ImageDataset, collate
+from finegrain.data.dataset import ImageDataset, collate
 from finegrain.eval.metrics import classification_metrics
 from finegrain.models.backbone import read_state_dict
 from finegrain.train.loop import predict_loader

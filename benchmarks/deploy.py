@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from _common import SHARED, print_table, write_results
-from finegrain.data.datasets import open_dataset
+from finegrain.data.base import open_dataset
 from finegrain.deploy.onnx import OnnxModel, export_checkpoint, load_batch
 from finegrain.predict import Predictor
 
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
 
     from finegrain.cli import main as cli
     from finegrain.compress.prune import prune_checkpoint
-    from finegrain.deploy.qat import qat_checkpoint
+    from finegrain.compress.qat import qat_checkpoint
 
     torch.set_num_threads(args.train_threads)
     export_kw = dict(int8=True, calib_data=data / "train", calib_images=args.calib_images, verify_data=data / "test",

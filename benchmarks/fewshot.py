@@ -24,7 +24,7 @@ import torch
 
 from _common import SHARED, print_table, write_results
 from finegrain.fewshot.evaluate import compute_features, evaluate_episodes
-from finegrain.fewshot.methods import build_method
+from finegrain.tasks.fewshot import build_method
 from finegrain.fewshot.run import open_all_images
 from finegrain.data.transforms import eval_transform
 from finegrain.models.backbone import create_backbone

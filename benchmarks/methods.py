@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from finegrain.predict import task_from_checkpoint
+    from finegrain.checkpoint import load_task
 
     rows = []
     payload = {"budget": vars(args), "backbone": "efficientnet_lite0 (in1k weights)",
@@ -92,7 +92,7 @@ def main() -> None:
             result = fit(cfg)
             train_s = time.perf_counter() - t0
             epoch_rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-            task, _ = task_from_checkpoint(result.best_checkpoint, "cpu")
+            task, _ = load_task(result.best_checkpoint, "cpu")
             params = sum(p.numel() for p in task.parameters())
             t0 = time.perf_counter()
             metrics = evaluate(result.best_checkpoint, data, split="test", workers=1, device="cpu",

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from _common import SHARED, print_table, write_results
-from finegrain.data.datasets import open_dataset
+from finegrain.data.base import open_dataset
 from finegrain.serve.launch import ServerProcess, get_json, load_test
 
 

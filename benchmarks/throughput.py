@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 from _common import SHARED, print_table, write_results
 from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from finegrain.data.cache import open_or_build_cache
-from finegrain.data.datasets import open_dataset
+from finegrain.data.base import open_dataset
 from finegrain.data.device import DevicePrefetcher
 from finegrain.tasks import build_task
 from finegrain.train.distributed import World

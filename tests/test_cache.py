@@ -5,8 +5,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from finegrain.data.cache import CachedImageDataset, cache_key, open_or_build_cache
-from finegrain.data.datasets import open_dataset
-from finegrain.data.loader import collate
+from finegrain.data.base import open_dataset
+from finegrain.data.dataset import collate
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ def test_resume_equals_uninterrupted_run(image_folder, tmp_path):
     cfg.train.resume = str(first.run_dir)
     resumed = fit(cfg)
     assert resumed.epochs_run == 2
-    from finegrain.train.checkpoint import load_checkpoint
+    from finegrain.checkpoint import load
 
-    a, _ = load_checkpoint(full.run_dir / "last.safetensors")
-    b, meta = load_checkpoint(resumed.run_dir / "last.safetensors")
+    a, _ = load(full.run_dir / "last.safetensors")
+    b, meta = load(resumed.run_dir / "last.safetensors")
     assert meta["epoch"] == 2
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -139,7 +139,7 @@ def test_warmup_cosine_schedule_values():
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(image_folder, tmp_path, monkeypatch):
-    import finegrain.train.run as run
+    import finegrain.train.trainer as run
 
     real = run.train_one_epoch
     calls = []
@@ -157,9 +157,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint(image_folder, tmp_path, monkeypatch
     cfg = tiny_config(image_folder, tmp_path, epochs=3)
     result = fit(cfg)
     assert result.interrupted
-    from finegrain.train.checkpoint import load_train_state, read_metadata
+    from finegrain.checkpoint import load_train_state, read_meta
 
-    meta = read_metadata(result.run_dir / "last.safetensors")
+    meta = read_meta(result.run_dir / "last.safetensors")
     state = load_train_state(result.run_dir / "last.state.pt")
     assert meta["epoch"] == state["epoch"] == 1 and state["step"] == 2
     monkeypatch.setattr(run, "train_one_epoch", real)

@@ -91,7 +91,7 @@ def test_check_finds_planted_problems(planted, tmp_path):
     assert len(rows) == r["summary"]["images"] - r["summary"]["flagged_for_removal"]
 
     # the clean split reads back through the csv reader with the same classes
-    from finegrain.data.datasets import open_dataset
+    from finegrain.data.base import open_dataset
 
     test = open_dataset(clean, "test")
     assert test.classes == ["a", "b"] and len(test) == 4

@@ -12,7 +12,7 @@ from scipy.io import savemat
 
 import finegrain.data.benchmarks  # noqa: F401  (registers the benchmark readers)
 from finegrain.data.base import DATASETS, ImageList
-from finegrain.data.datasets import open_dataset
+from finegrain.data.base import open_dataset
 
 CUB50 = Path("/work/shared/data/cub50")
 

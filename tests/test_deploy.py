@@ -27,7 +27,7 @@ from finegrain.models.backbone import create_backbone  # noqa: E402
 from finegrain.predict import Predictor  # noqa: E402
 from finegrain.tasks import build_task  # noqa: E402
 from finegrain.tasks.supervised import SupervisedTask  # noqa: E402
-from finegrain.train.checkpoint import save_checkpoint  # noqa: E402
+from finegrain.checkpoint import CheckpointMeta, save  # noqa: E402
 
 from .conftest import make_image_folder  # noqa: E402
 
@@ -42,7 +42,7 @@ def make_checkpoint(path: Path, backbone: str = "test_resnet", seed: int = 0) ->
     task = build_task("supervised", model, len(CLASSES))
     meta = {"task": "supervised", "task_args": {}, "model": {"backbone": backbone, "pretrained": "none", "task": "supervised",
             "drop_rate": 0.0, "drop_path_rate": 0.0}, "num_classes": len(CLASSES), "classes": CLASSES, "preprocessing": PREP}
-    return save_checkpoint(path, task.state_dict(), meta)
+    return save(path, task.state_dict(), CheckpointMeta(**meta))
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", pytest.param("test_efficientnet", marks=pytest.mark.slow)])

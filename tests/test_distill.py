@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from finegrain.cli import main
-from finegrain.predict import Predictor, task_from_checkpoint
+from finegrain.checkpoint import load_task
+from finegrain.predict import Predictor
 from finegrain.tasks.distill import kd_loss
 
 
@@ -22,19 +23,19 @@ def test_distill_cli_trains_a_student_that_predicts_without_its_teacher(trained_
                "--pretrained", "none", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1",
                "--kd-feature-weight", "0.5", "--device", "cpu", "--out", str(tmp_path), "--name", "student"])
     assert rc == 0
-    _, meta = task_from_checkpoint(tmp_path / "student" / "best.safetensors")
+    _, meta = load_task(tmp_path / "student" / "best.safetensors")
     assert meta["task"] == "supervised" and meta["trained_as"] == "distill" and meta["model"]["backbone"] == "test_efficientnet"
     preds = Predictor.from_checkpoint(tmp_path / "student", device="cpu").predict([data / "test" / "red"])
     assert len(preds) == 3 and preds[0]["topk"][0]["class"] in ("red", "green", "blue")
 
 
 def test_teacher_is_frozen_and_not_saved(trained_run):
+    from finegrain.checkpoint import build_task  # opens the teacher checkpoint the task receives
     from finegrain.models.backbone import create_backbone
-    from finegrain.tasks import build_task
 
     result, _ = trained_run
-    task = build_task("distill", create_backbone("test_efficientnet", num_classes=3), 3, teacher=str(result.best_checkpoint),
-                      feature_weight=1.0)
+    task = build_task("distill", create_backbone("test_efficientnet", num_classes=3), 3,
+                      {"teacher": str(result.best_checkpoint), "feature_weight": 1.0})
     assert not any(k.startswith("teacher") for k in task.state_dict())
     task.train()
     out = task({"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])})
@@ -46,8 +47,8 @@ def test_teacher_is_frozen_and_not_saved(trained_run):
 def test_distill_without_teacher_or_with_other_classes(trained_run, image_folder, tmp_path, capsys):
     assert main(["distill", "--student", "test_resnet", "--data", str(image_folder), "--out", str(tmp_path)]) == 2
     assert "--teacher" in capsys.readouterr().err
+    from finegrain.checkpoint import build_task
     from finegrain.models.backbone import create_backbone
-    from finegrain.tasks import build_task
 
     with pytest.raises(ValueError, match="3 classes"):
-        build_task("distill", create_backbone("test_resnet", num_classes=5), 5, teacher=str(trained_run[0].best_checkpoint))
+        build_task("distill", create_backbone("test_resnet", num_classes=5), 5, {"teacher": str(trained_run[0].best_checkpoint)})

@@ -12,7 +12,7 @@ from PIL import Image
 
 from finegrain.fewshot.enroll import enroll_class, imprint_row, unenroll_class
 from finegrain.predict import Predictor
-from finegrain.train.checkpoint import read_metadata
+from finegrain.checkpoint import read_meta
 
 
 def _sha(path: Path) -> str:
@@ -51,7 +51,7 @@ def test_enroll_round_trip(trained_run, yellow, tmp_path, capsys):
     assert main(["enroll", str(src), "--class", "yellow", str(yellow), "--out", str(new)]) == 0
     assert "broken.jpg" in capsys.readouterr().out  # the unreadable file is listed
     assert _sha(src) == before  # the source checkpoint is never modified
-    meta = read_metadata(new)
+    meta = read_meta(new)
     assert meta["classes"] == old.classes + ["yellow"] and meta["num_classes"] == len(old.classes) + 1
     p = Predictor.from_checkpoint(new, device="cpu")
     preds = [r["topk"][0]["class"] for r in p.predict([yellow]) if "topk" in r]
@@ -64,7 +64,7 @@ def test_enroll_round_trip(trained_run, yellow, tmp_path, capsys):
     assert main(["enroll", str(new), "--class", "yellow", str(yellow), "--out", str(tmp_path / "again.safetensors")]) == 2
     assert "already in" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
     assert main(["enroll", str(new), "--class", "yellow", str(yellow), "--out", str(tmp_path / "again.safetensors"), "--replace"]) == 0
-    assert read_metadata(tmp_path / "again.safetensors")["classes"] == meta["classes"]
+    assert read_meta(tmp_path / "again.safetensors")["classes"] == meta["classes"]
 
     back = tmp_path / "back.safetensors"
     assert main(["unenroll", str(new), "--class", "yellow", "--out", str(back)]) == 0

@@ -16,7 +16,7 @@ def make_checkpoint(path, backbone: str, *, img_size: int = 64, classes=("blue",
     """A random-init checkpoint written directly (no training): enough for shape and plumbing tests."""
     from finegrain.models.backbone import create_backbone, data_config
     from finegrain.tasks import build_task
-    from finegrain.train.checkpoint import save_checkpoint
+    from finegrain.checkpoint import CheckpointMeta, save
 
     torch.manual_seed(0)
     model = create_backbone(backbone, num_classes=len(classes))
@@ -27,7 +27,7 @@ def make_checkpoint(path, backbone: str, *, img_size: int = 64, classes=("blue",
             "preprocessing": {"img_size": img_size, "mean": list(dc["mean"]), "std": list(dc["std"]),
                               "crop_pct": dc["crop_pct"], "interpolation": dc["interpolation"]},
             "config": {}, "epoch": 0, "metrics": {}}
-    return save_checkpoint(path, task.state_dict(), meta)
+    return save(path, task.state_dict(), CheckpointMeta(**meta))
 
 
 class TwoColourCNN(nn.Module):

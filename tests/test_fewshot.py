@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from finegrain.data.base import ImageList
 from finegrain.fewshot.evaluate import mean_ci95
-from finegrain.fewshot.methods import METHODS, ProtoNetTask, build_method, maml_adapt
+from finegrain.tasks.fewshot import ProtoNetTask, build_method, fewshot_methods, maml_adapt
 from finegrain.fewshot.sampler import EpisodeCollate, EpisodicSampler, episode_labels, split_classes
 from finegrain.models.backbone import create_backbone
 
@@ -142,7 +142,7 @@ def test_baseline_fits_the_support_set():
     support = torch.cat([torch.randn(3, 8) + 3, torch.randn(3, 8) - 3])
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     assert task.episode_logits(support, labels, support, 2).argmax(1).tolist() == labels.tolist()
-    assert set(METHODS.names()) == {"baseline", "maml", "protonet", "relationnet"}
+    assert set(fewshot_methods()) == {"baseline", "maml", "protonet", "relationnet"}
 
 
 def test_mean_ci95():
@@ -208,13 +208,13 @@ def test_evaluate_needs_one_model_source(tmp_path):
 
 def test_baseline_pretrains_on_base_classes_then_evaluates_on_novel(tmp_path):
     from finegrain.fewshot.run import evaluate_fewshot, fit_episodic
-    from finegrain.train.checkpoint import read_metadata
+    from finegrain.checkpoint import read_meta
 
     data = _colour_folder(tmp_path / "data")
     kw = dict(n_way=2, q_query=2, img_size=32, device="cpu", split_fractions=(0.34, 0.33, 0.33))
     r = fit_episodic(data, out=tmp_path / "run", method="baseline", epochs=1, batch_size=4, val_episodes=2,
                      method_args={"steps": 3}, **kw)
-    meta = read_metadata(r["best_checkpoint"])
+    meta = read_meta(r["best_checkpoint"])
     assert meta["task"] == "fewshot_baseline" and meta["num_classes"] == 2  # 2 base classes of 6
     splits = meta["fewshot"]["splits"]
     assert sorted(splits["base"] + splits["val"] + splits["novel"]) == [f"class{c}" for c in range(6)]

@@ -15,10 +15,10 @@ from finegrain.config import ModelConfig
 from finegrain.models.attention import ATTENTIONS
 from finegrain.models.backbone import create_backbone
 from finegrain.models.pooling import POOLINGS
-from finegrain.predict import task_from_checkpoint
+from finegrain.checkpoint import load_task
 from finegrain.tasks import TASKS, build_task
 from finegrain.tasks.wsdan import attention_crop, attention_drop, bilinear_attention_pooling
-from finegrain.train.checkpoint import save_checkpoint
+from finegrain.checkpoint import CheckpointMeta, save
 
 BACKBONES = ["test_resnet", "test_efficientnet"]
 NUM_CLASSES = 3
@@ -93,11 +93,11 @@ def _train_step_and_roundtrip(backbone, task_name, tmp_path, size=64, **kw):
     expected = task.predict(images)
     assert expected.shape == (2, NUM_CLASSES) and torch.isfinite(expected).all()
     model_cfg = dataclasses.asdict(ModelConfig(backbone=backbone, pretrained="none", task=task_name))
-    path = save_checkpoint(tmp_path / "ckpt.safetensors", task.state_dict(), {
+    path = save(tmp_path / "ckpt.safetensors", task.state_dict(), CheckpointMeta(**{
         "task": task_name, "task_args": task.task_args(), "model": model_cfg, "num_classes": NUM_CLASSES,
         "classes": ["a", "b", "c"], "preprocessing": {"img_size": size, "mean": [0.5] * 3, "std": [0.5] * 3,
-                                                      "crop_pct": 1.0, "interpolation": "bilinear"}})
-    rebuilt, _ = task_from_checkpoint(path, "cpu")
+                                                      "crop_pct": 1.0, "interpolation": "bilinear"}}))
+    rebuilt, _ = load_task(path, "cpu")
     torch.testing.assert_close(rebuilt.predict(images), expected)
     return task, out
 
@@ -191,13 +191,21 @@ def test_token_backbone_refuses_feature_map_parts_and_accepts_avg():
 
 
 def test_model_config_check_names_the_flag():
-    ModelConfig(task="fgvc", attention="cbam", pooling="compact_bilinear", loss="ce+triplet:1").check()
+    from finegrain.config import RunConfig
+
+    def model(task, **flags):  # task options by flag name, as the CLI and config files give them
+        return RunConfig.from_dict({"model": {"task": task, **flags}}).model
+
+    model("fgvc", attention="cbam", pooling="compact_bilinear", loss="ce+triplet:1").check()
+    ModelConfig(task="fgvc", options={"attention": "cbam", "pooling": "compact_bilinear"}).check()
     with pytest.raises(ValueError, match="--pooling must be one of"):
-        ModelConfig(task="fgvc", pooling="billinear").check()
+        model("fgvc", pooling="billinear").check()
     with pytest.raises(ValueError, match="--task fgvc"):
-        ModelConfig(task="supervised", attention="se").check()
+        model("supervised", attention="se").check()
     with pytest.raises(ValueError, match="--wsdan-parts"):
-        ModelConfig(task="wsdan", wsdan_parts=0).check()
+        model("wsdan", wsdan_parts=0).check()
+    with pytest.raises(ValueError, match="task wsdan has no options.*num_parts"):
+        ModelConfig(task="wsdan", options={"parts": 3}).check()
 
 
 @pytest.mark.parametrize("extra", [

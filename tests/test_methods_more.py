@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from finegrain.data.base import ImageList
-from finegrain.data.loader import ImageDataset, check_annotations, collate
+from finegrain.data.dataset import ImageDataset, check_annotations, collate
 from finegrain.data.transforms import eval_transform, train_transform
 from finegrain.models.backbone import create_backbone
 from finegrain.models.crops import boxcar_mask, masked_zoom, soft_argmax, zoom
@@ -269,31 +269,36 @@ def test_token_backbones_are_refused_with_the_compatible_kinds(task_name):
         build_task(task_name, create_backbone("test_vit", num_classes=3), 3)
 
 
+def _model(task, **flags):
+    """A ModelConfig given the way flags and config files give it: task options by their flag names."""
+    return RunConfig.from_dict({"model": {"task": task, **flags}}).model
+
+
 def test_model_config_checks_the_new_flags():
-    ModelConfig(task="racnn", racnn_scales=2, racnn_shared_backbone=False).check()
-    ModelConfig(task="parts", parts_groups="cub6", parts_pool="mil").check()
-    ModelConfig(task="parts-weak", parts_num=6, parts_size=0.3).check()
-    ModelConfig(task="distill", kd_attention_weight=500).check()
-    ModelConfig(task="transfg", transfg_contrastive_weight=0.5, transfg_margin=0.3).check()
-    for cfg, match in ((ModelConfig(task="racnn", racnn_scales=4), "--racnn-scales must be 2 or 3"),
-                       (ModelConfig(task="supervised", racnn_scales=2), "drop --racnn-scales"),
-                       (ModelConfig(task="parts-weak", parts_groups="cub6"), "drop --parts-groups"),
-                       (ModelConfig(task="parts", parts_num=3), "add --task parts-weak"),
-                       (ModelConfig(task="fgvc", parts_pool="mil"), "--task parts or --task parts-weak"),
-                       (ModelConfig(task="supervised", kd_attention_weight=1.0), "drop --kd-attention-weight"),
-                       (ModelConfig(task="fgvc", transfg_margin=0.2), "drop --transfg-margin"),
-                       (ModelConfig(task="parts", parts_pool="max"), "--parts-pool must be"),
-                       (ModelConfig(task="parts", parts_groups="wings"), "--parts-groups must be"),
-                       (ModelConfig(task="parts", parts_size=0.0), "--parts-size")):
+    _model("racnn", racnn_scales=2, racnn_shared_backbone=False).check()
+    _model("parts", parts_groups="cub6", parts_pool="mil").check()
+    _model("parts-weak", parts_num=6, parts_size=0.3).check()
+    _model("distill", teacher="t.safetensors", kd_attention_weight=500).check()
+    _model("transfg", transfg_contrastive_weight=0.5, transfg_margin=0.3).check()
+    for task, flags, match in (("racnn", {"racnn_scales": 4}, "--racnn-scales must be 2 or 3"),
+                               ("supervised", {"racnn_scales": 2}, "drop --racnn-scales"),
+                               ("parts-weak", {"parts_groups": "cub6"}, "drop --parts-groups"),
+                               ("parts", {"parts_num": 3}, "add --task parts-weak"),
+                               ("fgvc", {"parts_pool": "mil"}, "--task parts or --task parts-weak"),
+                               ("supervised", {"kd_attention_weight": 1.0}, "drop --kd-attention-weight"),
+                               ("fgvc", {"transfg_margin": 0.2}, "drop --transfg-margin"),
+                               ("parts", {"parts_pool": "max"}, "--parts-pool must be"),
+                               ("parts", {"parts_groups": "wings"}, "--parts-groups must be"),
+                               ("parts", {"parts_size": 0.0}, "--parts-size")):
         with pytest.raises(ValueError, match=match):
-            cfg.check()
+            _model(task, **flags).check()
 
 
 def test_transfg_takes_its_weight_and_margin_from_the_config():
     from finegrain.train.run import build_task_from_config
 
     cfg = RunConfig(DataConfig(data="x", img_size=32), ModelConfig(backbone="test_vit", pretrained="none", task="transfg",
-                                                                 transfg_contrastive_weight=0.25, transfg_margin=0.2))
+                                                                 options={"contrastive_weight": 0.25, "margin": 0.2}))
     task = build_task_from_config(cfg, 3)
     assert (task.contrastive_weight, task.margin) == (0.25, 0.2)
     assert task.task_args()["margin"] == 0.2
@@ -301,8 +306,10 @@ def test_transfg_takes_its_weight_and_margin_from_the_config():
 
 def test_distill_with_attention_transfer(trained_run, tmp_path):
     result, _ = trained_run  # a test_resnet teacher; the student has other stage sizes and widths
-    task = build_task("distill", create_backbone("test_efficientnet", num_classes=3), 3,
-                      teacher=str(result.best_checkpoint), attention_weight=500.0)
+    from finegrain.checkpoint import build_task as build_with_teacher
+
+    task = build_with_teacher("distill", create_backbone("test_efficientnet", num_classes=3), 3,
+                              {"teacher": str(result.best_checkpoint), "attention_weight": 500.0})
     task.train()
     out = task({"image": torch.randn(4, 3, 48, 48), "label": torch.tensor([0, 1, 2, 0])})
     assert out["attention"] > 0 and torch.isfinite(out["loss"])

@@ -17,7 +17,7 @@ import onnx  # noqa: E402
 
 from finegrain.cli import main  # noqa: E402
 from finegrain.deploy.onnx import OnnxModel  # noqa: E402
-from finegrain.deploy.qat import (  # noqa: E402
+from finegrain.compress.qat import (  # noqa: E402
     ActivationFakeQuant,
     QatModel,
     WeightFakeQuant,
@@ -165,7 +165,8 @@ def test_qat_int8_export_uses_qat_scales_and_agrees_with_eager(trained_run, tmp_
     # the fine-tuned checkpoint is a normal one, and the float ONNX beside it is that model
     x = torch.randn(3, 3, 32, 32)
     assert np.abs(OnnxModel(s["fp32_path"]).logits(x) - tuned.logits(x).numpy()).max() < 1e-4
-    assert tuned.meta["qat"]["epochs"] == 1 and tuned.meta["source_checkpoint"] == str(result.best_checkpoint)
+    assert tuned.meta["qat"]["epochs"] == 1 and tuned.meta.lineage[-1]["source"] == str(result.best_checkpoint)
+    assert tuned.meta.lineage[-1]["kind"] == "qat"
     with pytest.raises(ValueError, match="--out"):
         qat_checkpoint(result.best_checkpoint, tmp_path / "q.pt", data, epochs=0, device="cpu")
 

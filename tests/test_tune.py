@@ -247,7 +247,7 @@ def test_tiny_random_study_end_to_end(image_folder, tmp_path, capsys):
 
 
 def test_a_pruned_fit_leaves_a_consistent_resumable_run(image_folder, tmp_path):
-    from finegrain.train.checkpoint import read_metadata
+    from finegrain.checkpoint import read_meta
     from finegrain.train.run import fit
 
     cfg = tiny_config(image_folder, tmp_path / "runs", epochs=2)
@@ -262,8 +262,8 @@ def test_a_pruned_fit_leaves_a_consistent_resumable_run(image_folder, tmp_path):
     run = tmp_path / "runs" / "run"
     assert len(rows) == 1 and rows[0]["epoch"] == 1 and "val_top1" in rows[0]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
-    assert read_metadata(run / "last.safetensors")["epoch"] == 1
-    assert read_metadata(run / "best.safetensors")["epoch"] == 1
+    assert read_meta(run / "last.safetensors")["epoch"] == 1
+    assert read_meta(run / "best.safetensors")["epoch"] == 1
     resumed = fit(tiny_config(image_folder, tmp_path / "runs", epochs=2, resume=str(run)))
     assert resumed.epochs_run == 2 and len((run / "metrics.jsonl").read_text().splitlines()) == 2
 

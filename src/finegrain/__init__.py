@@ -13,18 +13,17 @@ The public API::
 __version__ = "0.1.0"
 
 from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from finegrain.data.base import DATASETS, ImageList
-from finegrain.data.datasets import open_dataset
+from finegrain.data import DATASETS, ImageList, open_dataset
+from finegrain.tasks import TASKS, Task
+from finegrain.checkpoint import CheckpointMeta, load_task, read_meta
+from finegrain.models.backbone import create_backbone
 from finegrain.eval.evaluate import evaluate
 from finegrain.eval.metrics import classification_metrics
-from finegrain.models.backbone import create_backbone
 from finegrain.predict import Predictor
-from finegrain.tasks import TASKS, Task
-from finegrain.train.checkpoint import load_checkpoint
 from finegrain.train.run import RunResult, fit
 
 __all__ = [
-    "DATASETS", "TASKS", "DataConfig", "ImageList", "ModelConfig", "Predictor", "RunConfig", "RunResult",
-    "Task", "TrainConfig", "classification_metrics", "create_backbone", "evaluate", "fit", "load_checkpoint",
-    "open_dataset",
+    "DATASETS", "TASKS", "CheckpointMeta", "DataConfig", "ImageList", "ModelConfig", "Predictor", "RunConfig", "RunResult",
+    "Task", "TrainConfig", "classification_metrics", "create_backbone", "evaluate", "fit", "load_task", "open_dataset",
+    "read_meta",
 ]

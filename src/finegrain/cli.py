@@ -16,7 +16,7 @@ import types
 import typing
 from pathlib import Path
 
-from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig, cli_fields, option_flags, options_from_flags
 
 _COMMAND_MODULES = (
     "finegrain.demo",
@@ -43,22 +43,47 @@ def _base_type(tp):
     return tp
 
 
+def _add_flag(group, flag: str, dest: str, tp, f: dataclasses.Field, help_: str) -> None:
+    """One ``--flag`` for field ``f`` of scalar type ``tp`` (see :func:`_base_type`)."""
+    help_ += f" (default: {f.default})" if f.default not in (None, "") else ""
+    metavar = f.name.upper()
+    if tp is bool:
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+    elif isinstance(tp, tuple):
+        group.add_argument(flag, dest=dest, type=tp[0], nargs=tp[1], default=argparse.SUPPRESS, help=help_, metavar=metavar)
+    else:
+        group.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, help=help_, metavar=metavar)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, kind: type, prefix: str) -> None:
     """One flag per field of dataclass ``kind``; dest is ``prefix.field``."""
     hints = typing.get_type_hints(kind)
     group = parser.add_argument_group(kind.__name__.replace("Config", "").lower())
-    for f in dataclasses.fields(kind):
-        flag = "--" + f.name.replace("_", "-")
-        dest = f"{prefix}.{f.name}"
-        metavar = f.name.upper()
-        tp = _base_type(hints[f.name])
-        help_ = f.metadata.get("help", "") + (f" (default: {f.default})" if f.default not in (None, "") else "")
-        if tp is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
-        elif isinstance(tp, tuple):
-            group.add_argument(flag, dest=dest, type=tp[0], nargs=tp[1], default=argparse.SUPPRESS, help=help_, metavar=metavar)
-        else:
-            group.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, help=help_, metavar=metavar)
+    for f in cli_fields(kind):
+        _add_flag(group, "--" + f.name.replace("_", "-"), f"{prefix}.{f.name}", _base_type(hints[f.name]), f, f.metadata.get("help", ""))
+
+
+def add_option_flags(parser: argparse.ArgumentParser, trainer: str = "supervised") -> None:
+    """One flag per task option of the tasks trained by ``trainer``; dest is ``option.<flag>``.
+
+    A flag several tasks declare is one flag (its help names the tasks).
+    """
+    from finegrain.tasks import TASKS
+
+    group = parser.add_argument_group("task options (each applies to the tasks named)")
+    for flag, owners in option_flags().items():
+        owners = [(t, f) for t, f in owners if TASKS.get(t).trainer == trainer]
+        if not owners:
+            continue
+        task, f = owners[0]
+        tp = _base_type(typing.get_type_hints(TASKS.get(task).Options)[f.name])
+        tasks = sorted({t for t, _ in owners})
+        _add_flag(group, f"--{flag}", f"option.{flag}", tp, f, f"{f.metadata.get('help', '')} (--task {' / '.join(tasks)})")
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """``{flag: value}`` of the task option flags given on the command line."""
+    return {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("option.")}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -76,9 +101,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                 raise ValueError(f"{path}: unknown section {section!r}; expected data, model, train")
             base[section].update(values)
     for key, value in vars(args).items():
-        if "." in key:
+        if "." in key and not key.startswith("option."):
             section, name = key.split(".", 1)
             base[section][name] = value
+    options = dict(base["model"].get("options") or {})
+    options.update(options_from_flags(base["model"]["task"], given_options(args)))
+    base["model"]["options"] = options or None
     return RunConfig.from_dict(base)
 
 
@@ -93,7 +121,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    if not getattr(args, "model.teacher", None):
+    if not getattr(args, "option.teacher", None):
         raise ValueError("distill needs --teacher CHECKPOINT")
     setattr(args, "model.task", "distill")
     setattr(args, "model.backbone", args.student)
@@ -142,13 +170,19 @@ def _cmd_list_backbones(args) -> int:
 
 
 def _cmd_datasets(args) -> int:
-    from finegrain.data.base import DATASETS
-    import finegrain.data.benchmarks  # noqa: F401
+    from finegrain.data import DATASETS
 
     for name in DATASETS.names():
         doc = (DATASETS.get(name).__doc__ or "").strip().splitlines()[0]
         print(f"{name:12s} {doc}")
     return 0
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a training run: every config field and every task option."""
+    for kind, prefix in ((DataConfig, "data"), (ModelConfig, "model"), (TrainConfig, "train")):
+        add_config_flags(parser, kind, prefix)
+    add_option_flags(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,15 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier (validation split carved from train)")
     p.add_argument("--config", help="YAML file with data/model/train sections; flags override it")
-    for kind, prefix in ((DataConfig, "data"), (ModelConfig, "model"), (TrainConfig, "train")):
-        add_config_flags(p, kind, prefix)
+    add_run_flags(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("distill", help="train a small student from a trained teacher checkpoint (train's flags apply)")
     p.add_argument("--student", required=True, help="timm name of the student backbone")
     p.add_argument("--config", help="YAML file with data/model/train sections; flags override it")
-    for kind, prefix in ((DataConfig, "data"), (ModelConfig, "model"), (TrainConfig, "train")):
-        add_config_flags(p, kind, prefix)
+    add_run_flags(p)
     p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("predict", help="top-k classes of images or folders of images")
@@ -207,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         return 2
+    except KeyboardInterrupt as e:  # a trainer has saved a resumable state and says how to continue
+        from finegrain.utils import console
+
+        console.print(f"[yellow]interrupted[/yellow] {e}", markup=True, highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

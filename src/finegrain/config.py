@@ -17,6 +17,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def cli_fields(kind: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that are command-line flags."""
+    return [f for f in dataclasses.fields(kind) if f.metadata.get("cli", True)]
+
+
 @dataclass
 class DataConfig:
     """Where the images are and how they are read and augmented."""
@@ -52,95 +57,40 @@ class DataConfig:
             raise ValueError(f"--img-size must be at least 32, got {self.img_size}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        from finegrain.data.transforms import AUGMENTS
+
         if self.pipeline not in ("auto", "cpu", "device"):
             raise ValueError(f"--pipeline must be auto, cpu or device, got {self.pipeline!r}")
         if self.sampler not in ("random", "balanced"):
             raise ValueError(f"--sampler must be random or balanced, got {self.sampler!r}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        AUGMENTS.check(self.augment, "--augment")
         if not 0.0 < self.scale_min <= 1.0:
             raise ValueError(f"--scale-min must be in (0, 1], got {self.scale_min}")
         if self.cutmix < 0 or self.mixup < 0:
             raise ValueError("--cutmix and --mixup are Beta alphas and must be >= 0")
 
 
-AUGMENTS = ("none", "basic", "colorjitter", "randaugment", "trivialaugment")
-
-
 @dataclass
 class ModelConfig:
-    """The network: a timm backbone and the task that trains it."""
+    """The network: a timm backbone, the task (method) that trains it, and that task's own options.
+
+    ``options`` holds the task's options (``TASKS.get(task).Options``, e.g. ``{"num_parts": 16}``
+    for WS-DAN); only what every task shares is a field here. A dict is turned into the task's
+    options dataclass by :meth:`check`.
+    """
 
     backbone: str = _f("resnet50", "any timm model name (finegrain list-backbones, or timm.list_models())")
     pretrained: str = _f("hub", "'hub' (timm download), 'none', or a local .safetensors/.pth/.bin file")
     task: str = _f("supervised", "training task (method); see finegrain.TASKS")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     drop_path_rate: float = _f(0.0, "stochastic depth rate (backbones that support it)")
-    teacher: str | None = _f(None, "distillation (--task distill): the teacher checkpoint")
-    kd_temperature: float = _f(4.0, "distillation temperature")
-    kd_alpha: float = _f(0.7, "weight of the distillation term (1 - alpha for cross-entropy)")
-    kd_feature_weight: float = _f(0.0, "weight of feature distillation (0 turns it off)")
-    attention: str = _f("none", "attention on the last feature map (--task fgvc): none, se, cbam, dual, deform")
-    pooling: str = _f("avg", "global pooling (--task fgvc): avg, bilinear, compact_bilinear, netvlad")
-    loss: str = _f("ce", "loss terms name[:weight] joined by '+' (--task fgvc): ce, focal, center, triplet; e.g. ce+center:0.01+triplet:1.0")
-    reduce_dim: int = _f(0, "1x1 conv to this many channels before attention and pooling (--task fgvc; 0 turns it off)")
-    pool_dim: int = _f(0, "compact_bilinear: output size (0: 8192); netvlad: number of centres (0: 16) (--task fgvc)")
-    wsdan_parts: int = _f(32, "number of attention maps M (--task wsdan)")
-    transfg_contrastive_weight: float = _f(1.0, "weight of the contrastive loss on the class token (--task transfg; 0 turns it off)")
-    transfg_margin: float = _f(0.4, "cosine margin of the contrastive loss for pairs of different classes (--task transfg)")
-    racnn_scales: int = _f(3, "number of scales, each zooming into the previous one (--task racnn): 2 or 3")
-    racnn_margin: float = _f(0.05, "margin of the inter-scale ranking loss (--task racnn)")
-    racnn_shared_backbone: bool = _f(True, "one backbone for all scales (--task racnn); --no-racnn-shared-backbone gives each scale a copy")
-    parts_groups: str = _f("cub4", "CUB parts that make the part crops (--task parts): cub2, cub4, cub6, cub15, or 'name=id,id;name=id'")
-    parts_num: int = _f(4, "number of attention parts K (--task parts-weak)")
-    parts_pool: str = _f("concat", "how object and part crop features are combined (--task parts, parts-weak): concat or mil (attention MIL pooling)")
-    parts_size: float = _f(0.4, "part crop side as a fraction of the object box's (parts) or the image's (parts-weak) longer side")
-    kd_attention_weight: float = _f(0.0, "weight of attention transfer from the teacher's stage feature maps (--task distill; 0 turns it off)")
+    options: Any = _f(None, "the task's own options (a dict or the task's Options dataclass)", cli=False)
 
     def check(self) -> None:
-        from finegrain.models.attention import ATTENTIONS
-        from finegrain.models.losses import parse_loss_spec
-        from finegrain.models.pooling import POOLINGS
+        from finegrain.tasks import TASKS, resolve_options
 
-        for flag, value, registry in (("--attention", self.attention, ATTENTIONS), ("--pooling", self.pooling, POOLINGS)):
-            if value not in registry:
-                raise ValueError(f"{flag} must be one of {', '.join(registry.names())}, got {value!r}")
-        parse_loss_spec(self.loss)
-        if self.reduce_dim < 0 or self.pool_dim < 0:
-            raise ValueError(f"--reduce-dim and --pool-dim must be >= 0, got {self.reduce_dim} and {self.pool_dim}")
-        if self.wsdan_parts < 1:
-            raise ValueError(f"--wsdan-parts must be at least 1, got {self.wsdan_parts}")
-        if self.racnn_scales not in (2, 3):
-            raise ValueError(f"--racnn-scales must be 2 or 3, got {self.racnn_scales}")
-        if self.parts_num < 1:
-            raise ValueError(f"--parts-num must be at least 1, got {self.parts_num}")
-        if self.parts_pool not in ("concat", "mil"):
-            raise ValueError(f"--parts-pool must be concat or mil, got {self.parts_pool!r}")
-        if not 0 < self.parts_size <= 1:
-            raise ValueError(f"--parts-size must be in (0, 1], got {self.parts_size}")
-        if self.kd_attention_weight < 0 or self.transfg_contrastive_weight < 0:
-            raise ValueError("--kd-attention-weight and --transfg-contrastive-weight must be >= 0")
-        from finegrain.tasks.parts import parse_part_groups
-
-        parse_part_groups(self.parts_groups)
-        defaults = ModelConfig.__dataclass_fields__
-        for tasks, names in _TASK_FLAGS:
-            given = [f"--{n.replace('_', '-')}" for n in names if getattr(self, n) != defaults[n].default]
-            if given and self.task not in tasks:
-                raise ValueError(f"{', '.join(given)} only apply to {' or '.join(f'--task {t}' for t in tasks)} (got --task "
-                                 f"{self.task}); add --task {tasks[0]}, or drop {', '.join(given)}")
-
-
-_TASK_FLAGS = (  # ModelConfig fields that only one family of tasks reads
-    (("fgvc",), ("attention", "pooling", "loss", "reduce_dim", "pool_dim")),
-    (("wsdan",), ("wsdan_parts",)),
-    (("transfg",), ("transfg_contrastive_weight", "transfg_margin")),
-    (("racnn",), ("racnn_scales", "racnn_margin", "racnn_shared_backbone")),
-    (("parts",), ("parts_groups",)),
-    (("parts-weak",), ("parts_num",)),
-    (("parts", "parts-weak"), ("parts_pool", "parts_size")),
-    (("distill",), ("kd_attention_weight",)),
-)
+        TASKS.check(self.task, "--task")
+        self.options = resolve_options(self.task, self.options)
 
 
 @dataclass
@@ -177,8 +127,10 @@ class TrainConfig:
     def check(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        from finegrain.train.balance import CLASS_WEIGHTS
+        from finegrain.train.optim import OPTIMIZERS
+
+        OPTIMIZERS.check(self.optimizer, "--optimizer")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
@@ -186,15 +138,12 @@ class TrainConfig:
                              f"got {self.compile_mode!r}")
         if self.accum_steps < 1:
             raise ValueError(f"--accum-steps must be at least 1, got {self.accum_steps}")
-        if self.class_weights not in ("none", "inverse", "effective"):
-            raise ValueError(f"--class-weights must be none, inverse or effective, got {self.class_weights!r}")
+        if self.class_weights != "none":
+            CLASS_WEIGHTS.check(self.class_weights, "--class-weights")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
-
-
-OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 
 
 @dataclass
@@ -217,6 +166,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        """The config a ``to_dict`` (or a run's ``config.yaml``) describes.
+
+        Task options may also be given the way earlier versions stored them, as flat ``model``
+        fields named after their flags (``wsdan_parts: 16``); they are moved into ``options``.
+        """
+
         def build(kind, values):
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(values) - names
@@ -227,6 +182,56 @@ class RunConfig:
 
         return cls(
             data=build(DataConfig, d.get("data", {})),
-            model=build(ModelConfig, d.get("model", {})),
+            model=build(ModelConfig, options_from_flat(dict(d.get("model", {})))),
             train=build(TrainConfig, d.get("train", {})),
         )
+
+
+def option_flags() -> dict[str, list[tuple[str, "dataclasses.Field"]]]:
+    """Every task option flag (without ``--``) and the ``(task, field)`` pairs that declare it."""
+    from finegrain.tasks import TASKS
+    from finegrain.tasks.base import flag_name
+
+    flags: dict[str, list] = {}
+    for name in TASKS.names():
+        for f in dataclasses.fields(TASKS.get(name).Options):
+            flags.setdefault(flag_name(f), []).append((name, f))
+    return flags
+
+
+def options_from_flags(task: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``task`` from ``{flag: value}`` (flags without ``--``, with ``-`` or ``_``).
+
+    A flag that belongs to other tasks only is refused, naming the tasks it applies to.
+    """
+    table = option_flags()
+    out = {}
+    for raw, value in given.items():
+        flag = raw.replace("_", "-")
+        owners = table.get(flag)
+        if owners is None:
+            raise ValueError(f"unknown task option --{flag}")
+        mine = [f for t, f in owners if t == task]
+        if not mine:
+            tasks = sorted({t for t, _ in owners})
+            raise ValueError(f"--{flag} only applies to {' or '.join(f'--task {t}' for t in tasks)} (got --task {task}); "
+                             f"add --task {tasks[0]}, or drop --{flag}")
+        out[mine[0].name] = value
+    return out
+
+
+def options_from_flat(model: dict) -> dict:
+    """Move flat task-option fields of a ``model`` dict (older ``config.yaml`` files) into ``options``."""
+    shared = {f.name for f in dataclasses.fields(ModelConfig)}
+    flat = {k: model.pop(k) for k in list(model) if k not in shared}
+    if not flat:
+        return model
+    task = model.get("task", "supervised")
+    defaults = {flag: fields[0][1].default for flag, fields in option_flags().items()}
+    # an old file stores every flat field; only those that differ from their default say anything
+    said = {k: v for k, v in flat.items()
+            if v is not None and defaults.get(k.replace("_", "-"), object()) != (tuple(v) if isinstance(v, list) else v)}
+    options = dict(model.get("options") or {})
+    options.update(options_from_flags(task, said))
+    model["options"] = options
+    return model

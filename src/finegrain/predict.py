@@ -8,34 +8,12 @@ from typing import Iterable, Sequence
 import torch
 from PIL import Image
 
-from finegrain.config import ModelConfig
+from finegrain.checkpoint import load_task
 from finegrain.data.base import IMAGE_EXTENSIONS
-from finegrain.data.loader import load_rgb
+from finegrain.data.dataset import load_rgb
 from finegrain.data.transforms import eval_transform
-from finegrain.models.backbone import create_backbone
-from finegrain.tasks import TASKS, Task, build_task
-from finegrain.train.checkpoint import load_checkpoint
+from finegrain.tasks import Task
 from finegrain.utils import resolve_device
-
-
-def task_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Task, dict]:
-    """Rebuild the task a checkpoint describes and load its weights; return ``(task, metadata)``."""
-    sd, meta = load_checkpoint(path)
-    m = ModelConfig(**{k: v for k, v in meta["model"].items() if k in ModelConfig.__dataclass_fields__})
-    model = create_backbone(m.backbone, num_classes=meta["num_classes"], pretrained="none",
-                            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
-    if meta["task"] not in TASKS:
-        import finegrain.fewshot  # noqa: F401  (registers the few-shot tasks, imported only when needed)
-    task = build_task(meta["task"], model, meta["num_classes"], **meta.get("task_args", {}))
-    if meta.get("structure"):  # a pruned model: re-shape the fresh layers to the stored sizes
-        from finegrain.compress.prune import apply_structure
-
-        apply_structure(task, meta["structure"], sd)
-    try:
-        task.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not match the model it describes ({m.backbone}, task {meta['task']}): {e}") from e
-    return task.to(resolve_device(str(device)) if isinstance(device, str) else device).eval(), meta
 
 
 def expand_images(items: Iterable[str | Path]) -> list[Path]:
@@ -71,7 +49,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "auto", batch_size: int = 32, tta_flip: bool = False) -> "Predictor":
         dev = resolve_device(device)
-        task, meta = task_from_checkpoint(path, dev)
+        task, meta = load_task(path, dev)
         return cls(task, meta, device=dev, batch_size=batch_size, tta_flip=tta_flip)
 
     @torch.no_grad()

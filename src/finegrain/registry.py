@@ -7,7 +7,7 @@ unknown name raises ``ValueError`` listing what exists and the closest matches.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -29,18 +29,40 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._info: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name`` (default: its ``__name__``)."""
+    def register(self, name: str | None = None, **info: Any) -> Callable[[T], T]:
+        """Decorator that registers ``obj`` under ``name`` (default: its ``__name__``).
+
+        ``info`` is kept beside the entry (e.g. how a data set reader recognises its layout) and
+        read back with :meth:`info`.
+        """
 
         def deco(obj: T) -> T:
             key = name or obj.__name__  # type: ignore[attr-defined]
             if key in self._items:
                 raise ValueError(f"{self.kind} {key!r} is already registered")
             self._items[key] = obj
+            self._info[key] = info
             return obj
 
         return deco
+
+    def add(self, name: str, obj: T, **info: Any) -> T:
+        """Register ``obj`` under ``name`` (the non-decorator form)."""
+        return self.register(name, **info)(obj)
+
+    def info(self, name: str) -> dict[str, Any]:
+        """What was registered beside entry ``name`` (an empty dict if nothing)."""
+        self.get(name)
+        return dict(self._info[name])
+
+    def check(self, name: str, flag: str) -> None:
+        """Raise ``ValueError`` naming ``flag`` when ``name`` is not registered (for config checks)."""
+        if name not in self._items:
+            hint = close_matches(name, list(self._items))
+            msg = f"{flag} must be one of {', '.join(self.names())}, got {name!r}"
+            raise ValueError(msg + (f". Did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""))
 
     def get(self, name: str) -> T:
         """Return the entry called ``name``, or raise ``ValueError`` with close matches."""

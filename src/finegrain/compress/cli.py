@@ -16,6 +16,8 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune's order and augmentation")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune (same arguments)")
     p.set_defaults(func=_cmd_prune)
 
 
@@ -23,7 +25,8 @@ def _cmd_prune(args) -> int:
     from finegrain.compress.prune import prune_checkpoint
 
     s = prune_checkpoint(args.checkpoint, args.out, ratio=args.ratio, data=args.data, epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, workers=args.workers, device=args.device)
+                         batch_size=args.batch_size, workers=args.workers, device=args.device, seed=args.seed,
+                         resume=args.resume)
     s.pop("history")
     print(json.dumps(s, indent=1))
-    return 0
+    return 130 if s.get("interrupted") else 0

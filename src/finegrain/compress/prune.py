@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-STRUCT_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
-                "normalized_shape", "num_channels", "head_hidden_size")
+from finegrain.models.structure import STRUCT_ATTRS
 
 
 def _structure_diff(pruned: nn.Module, reference: nn.Module) -> dict[str, dict]:
@@ -28,23 +27,6 @@ def _structure_diff(pruned: nn.Module, reference: nn.Module) -> dict[str, dict]:
                 value = getattr(mod, attr)
                 diff.setdefault(name, {})[attr] = list(value) if isinstance(value, tuple) else value
     return diff
-
-
-def apply_structure(module: nn.Module, structure: dict[str, dict], state_dict: dict[str, torch.Tensor]) -> None:
-    """Re-shape ``module`` in place so that ``state_dict`` (a pruned model's weights) loads into it."""
-    for name, tensor in state_dict.items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        current = getattr(owner, leaf, None)
-        if isinstance(current, torch.Tensor) and current.shape != tensor.shape:
-            if isinstance(current, nn.Parameter):
-                setattr(owner, leaf, nn.Parameter(torch.empty_like(tensor), requires_grad=current.requires_grad))
-            else:
-                owner._buffers[leaf] = torch.empty_like(tensor)
-    for name, attrs in structure.items():
-        owner = module.get_submodule(name) if name else module
-        for attr, value in attrs.items():
-            setattr(owner, attr, tuple(value) if isinstance(value, list) else value)
 
 
 def prune_task(task, ratio: float, *, img_size: int) -> dict[str, dict]:
@@ -69,52 +51,45 @@ def prune_task(task, ratio: float, *, img_size: int) -> dict[str, dict]:
 
 def prune_checkpoint(checkpoint: str | Path, out: str | Path, *, ratio: float, data: str | None = None,
                      epochs: int = 0, lr: float = 1e-4, batch_size: int = 32, workers: int = 1,
-                     device: str = "auto") -> dict:
+                     device: str = "auto", seed: int = 0, resume: bool = False, max_epochs: int | None = None) -> dict:
     """Prune a checkpoint's backbone by ``ratio``, optionally fine-tune on ``data`` (train split), save to ``out``.
 
-    Fine-tuning uses the shared ``train_one_epoch`` with AdamW and a cosine schedule. Returns a
-    summary with parameter counts before and after.
+    Fine-tuning (AdamW, cosine schedule) runs through the one trainer in the run folder
+    ``<out stem>.finetune/`` next to ``out``: Ctrl-C keeps it resumable (same command with
+    ``resume=True``). Returns a summary with parameter counts before and after.
     """
-    from torch.utils.data import DataLoader
-
-    from finegrain.data.datasets import open_dataset
-    from finegrain.data.loader import ImageDataset, collate
-    from finegrain.data.transforms import train_transform
-    from finegrain.predict import task_from_checkpoint
-    from finegrain.train.checkpoint import load_checkpoint, save_checkpoint
-    from finegrain.train.loop import train_one_epoch
-    from finegrain.utils import console, resolve_device
+    from finegrain import checkpoint as ckpt
+    from finegrain.data.base import open_dataset
+    from finegrain.train.finetune import finetune, open_job
+    from finegrain.utils import resolve_device
 
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise ValueError("--out must differ from the input checkpoint; the original is never overwritten")
+    if epochs > 0 and not data:
+        raise ValueError("fine-tuning after pruning needs --data (the training images); or pass --epochs 0")
     dev = resolve_device(device)
-    task, meta = task_from_checkpoint(checkpoint, dev)
+    task, meta = ckpt.load_task(checkpoint, dev)
     before = sum(p.numel() for p in task.parameters())
-    prep = meta["preprocessing"]
-    structure = prune_task(task, ratio, img_size=prep["img_size"])
-    after = sum(p.numel() for p in task.parameters())
+    structure = prune_task(task, ratio, img_size=meta.preprocessing["img_size"])
+    summary = {"ratio": ratio, "params_before": before, "params_after": sum(p.numel() for p in task.parameters()),
+               "fine_tune_epochs": epochs}
+    pruned = ckpt.derive(meta, "pruned", checkpoint, details={"ratio": ratio, "fine_tune_epochs": epochs},
+                         structure={**(meta.structure or {}), **structure}, pruning=summary)
     history = []
     if epochs > 0:
-        if not data:
-            raise ValueError("fine-tuning after pruning needs --data (the training images); or pass --epochs 0")
         images = open_dataset(data, "train")
-        if images.classes != meta["classes"]:
+        if images.classes != meta.classes:
             raise ValueError(f"the classes of {data} differ from the checkpoint's")
-        t = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
-        loader = DataLoader(ImageDataset(images, t), batch_size=batch_size, shuffle=True, num_workers=workers,
-                            collate_fn=collate, drop_last=len(images) > batch_size)
-        opt = torch.optim.AdamW(task.parameters(), lr=lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
-        for epoch in range(epochs):
-            r = train_one_epoch(task, loader, opt, sched, device=dev)
-            r.pop("skipped")
-            history.append(r)
-            console.print(f"fine-tune epoch {epoch + 1}/{epochs}: loss {r['loss']:.3f} acc {r['acc']:.1f}%")
-    prev = meta.get("structure", {})
-    summary = {"ratio": ratio, "params_before": before, "params_after": after, "fine_tune_epochs": epochs}
-    new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "versions")}
-    new_meta.update({"structure": {**prev, **structure}, "pruning": summary, "metrics": {}, "source_checkpoint": str(checkpoint)})
-    save_checkpoint(out, task.state_dict(), new_meta)
-    load_checkpoint(out)  # read back: the file must be usable as written
+        run_dir = out.with_name(out.name.removesuffix(".safetensors") + ".finetune")
+        job = {"checkpoint": str(checkpoint), "ratio": ratio, "data": str(data), "epochs": epochs, "lr": lr,
+               "batch_size": batch_size, "seed": seed}
+        resumed = open_job(run_dir, job, resume=resume)
+        r = finetune(task, images, meta.preprocessing, run_dir, pruned, epochs=epochs, lr=lr, weight_decay=0.01,
+                     batch_size=batch_size, workers=workers, device=dev, seed=seed, resume=resumed, max_epochs=max_epochs)
+        history = r.history
+        if r.interrupted or r.epochs_run < epochs:
+            return {**summary, "out": None, "run_dir": str(run_dir), "interrupted": True, "history": history}
+    ckpt.save(out, task.state_dict(), pruned)
+    ckpt.load(out)  # read back: the file must be usable as written
     return {**summary, "out": str(out), "history": history}

@@ -155,3 +155,30 @@ def download_and_verify(url: str, dest: Path, sha256: str | None = None, md5: st
         raise ValueError(f"checksum mismatch for {url}; the file was kept at {bad}. Try again or download by hand.")
     os.replace(tmp, dest)
     return dest
+
+
+def open_dataset(data: str | Path, split: str = "train", *, dataset: str | None = None, download: bool = False, **options) -> ImageList:
+    """Read ``split`` of the data at ``data``.
+
+    Args:
+        data: a folder or CSV file.
+        split: "train" or "test".
+        dataset: a registered reader name (``finegrain.DATASETS.names()``); by default the first
+            reader whose ``detect`` recognises the layout, in ``priority`` order (class folders last).
+        download: download the benchmark into ``data`` if the reader supports it and it is missing.
+        options: passed to the reader (e.g. ``level="family"`` for FGVC-Aircraft).
+    """
+    path = Path(data)
+    return DATASETS.get(dataset or guess_reader(path))(path, split, download=download, **options)
+
+
+def guess_reader(path: Path) -> str:
+    """The name of the reader whose layout ``path`` has (see ``DATASETS.register(..., detect=, priority=)``)."""
+    if not path.exists():
+        raise FileNotFoundError(f"data {path} does not exist: give an image folder, a CSV file or a benchmark root")
+    ranked = sorted(DATASETS.names(), key=lambda n: DATASETS.info(n).get("priority", 50))
+    for name in ranked:
+        detect = DATASETS.info(name).get("detect")
+        if detect is not None and detect(path):
+            return name
+    raise FileNotFoundError(f"{path}: no reader recognises this data; pass --dataset ({', '.join(DATASETS.names())})")

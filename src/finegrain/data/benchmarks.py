@@ -1,4 +1,4 @@
-"""Readers for the fine-grained benchmarks other than CUB: NABirds, Stanford Dogs, Stanford Cars,
+"""Readers for the fine-grained benchmarks: CUB-200-2011, NABirds, Stanford Dogs, Stanford Cars,
 FGVC-Aircraft and Oxford Flowers-102.
 
 Each reads the benchmark in its own official on-disk layout with its official train/test split and
@@ -23,6 +23,78 @@ from finegrain.data.base import (
     read_table,
     require_file,
 )
+
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+CUB_LAYOUT = (
+    "CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/NNN.Name/*.jpg}"
+    " and optionally bounding_boxes.txt, parts/parts.txt, parts/part_locs.txt"
+)
+
+
+def _find_cub_root(root: Path) -> Path:
+    for cand in (root, root / "CUB_200_2011"):
+        if (cand / "images.txt").exists():
+            return cand
+    raise FileNotFoundError(
+        f"no images.txt under {root} or {root / 'CUB_200_2011'}. Expected layout: {CUB_LAYOUT}. "
+        f"Use --download to fetch CUB-200-2011."
+    )
+
+
+@DATASETS.register("cub", priority=30, detect=lambda p: any((c / "images.txt").is_file() for c in (p, p / "CUB_200_2011")))
+def cub200(root: str | Path, split: str = "train", *, download: bool = False) -> ImageList:
+    """Caltech-UCSD Birds-200-2011 in its official layout, with the official train/test split.
+
+    Bounding boxes (``bounding_boxes.txt``) and the 15 part locations (``parts/part_locs.txt``)
+    are attached when present. Any subset of the 200 classes works (class ids are re-indexed
+    in ``classes.txt`` order, keeping only classes that have images).
+    """
+    root = Path(root)
+    check_split(split)
+    if download and not any((c / "images.txt").exists() for c in (root, root / "CUB_200_2011")):
+        import tarfile
+
+        archive = download_and_verify(CUB_URL, root / "CUB_200_2011.tgz", md5=CUB_MD5)
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+    base = _find_cub_root(root)
+    images = {int(i): p for i, p in read_table(base / "images.txt", 2, CUB_LAYOUT)}
+    labels = {int(i): int(c) for i, c in read_table(base / "image_class_labels.txt", 2, CUB_LAYOUT)}
+    is_train = {int(i): s == "1" for i, s in read_table(base / "train_test_split.txt", 2, CUB_LAYOUT)}
+    class_rows = read_table(base / "classes.txt", 2, CUB_LAYOUT)
+    class_name = {int(i): n for i, n in class_rows}
+    missing = sorted(set(images) - set(labels))[:5] or sorted(set(images) - set(is_train))[:5]
+    if missing:
+        raise ValueError(f"image ids {missing} of {base / 'images.txt'} have no label or split entry")
+    used = sorted({labels[i] for i in images})
+    unknown = [c for c in used if c not in class_name]
+    if unknown:
+        raise ValueError(f"class ids {unknown[:5]} are not in {base / 'classes.txt'}")
+    index = {c: k for k, c in enumerate(used)}
+    classes = [class_name[c].split(".", 1)[-1] for c in used]
+    boxes_file = base / "bounding_boxes.txt"
+    boxes = {int(r[0]): tuple(map(float, r[1:5])) for r in read_table(boxes_file, 5, CUB_LAYOUT)} if boxes_file.exists() else None
+    locs_file, names_file = base / "parts" / "part_locs.txt", base / "parts" / "parts.txt"
+    parts: dict[int, list] | None = None
+    part_names = None
+    if locs_file.exists():
+        parts = {}
+        for r in read_table(locs_file, 5, CUB_LAYOUT):
+            parts.setdefault(int(r[0]), []).append((int(r[1]), float(r[2]), float(r[3]), r[4] == "1"))
+        if names_file.exists():
+            part_names = [" ".join(r[1:]) for r in read_table(names_file, 2, CUB_LAYOUT)]
+    ids = [i for i in sorted(images) if is_train[i] == (split == "train")]
+    return ImageList(
+        paths=[str((base / "images" / images[i]).resolve()) for i in ids],
+        labels=[index[labels[i]] for i in ids],
+        classes=classes,
+        boxes=None if boxes is None else [boxes.get(i) for i in ids],
+        parts=None if parts is None else [parts.get(i, []) for i in ids],
+        part_names=part_names,
+        source=f"cub:{base}",
+    )
+
 
 Box = tuple[float, float, float, float]
 
@@ -89,7 +161,8 @@ NABIRDS_LAYOUT = (
 NABIRDS_URL = "https://dl.allaboutbirds.org/nabirds"
 
 
-@DATASETS.register("nabirds")
+@DATASETS.register("nabirds", priority=20,  # before CUB: the same tables, plus hierarchy.txt
+                   detect=lambda p: (p / "hierarchy.txt").is_file() or (p / "nabirds" / "images.txt").is_file())
 def nabirds(root: str | Path, split: str = "train", *, download: bool = False) -> ImageList:
     """NABirds (Cornell Lab of Ornithology) with its official train/test split.
 
@@ -184,7 +257,7 @@ def _voc_box(path: Path) -> Box | None:
         return None
 
 
-@DATASETS.register("dogs")
+@DATASETS.register("dogs", priority=40, detect=lambda p: (p / "Images").is_dir() and (p / "train_list.mat").is_file())
 def stanford_dogs(root: str | Path, split: str = "train", *, download: bool = False) -> ImageList:
     """Stanford Dogs (120 breeds from ImageNet) with the official ``train_list.mat`` / ``test_list.mat``.
 
@@ -250,7 +323,7 @@ def _cars_boxes(path: Path) -> dict[str, Box]:
     return {str(a["fname"]): _corner_box(*(float(a[k]) for k in fields)) for a in ann}
 
 
-@DATASETS.register("cars")
+@DATASETS.register("cars", priority=40, detect=lambda p: any((c / "devkit" / "cars_meta.mat").is_file() for c in (p, p / "stanford_cars")))
 def stanford_cars(root: str | Path, split: str = "train", *, download: bool = False) -> ImageList:
     """Stanford Cars (196 models) with the official train/test split, read by ``torchvision``.
 
@@ -307,7 +380,8 @@ AIRCRAFT_LEVELS = ("variant", "family", "manufacturer")
 _AIRCRAFT_NAMES = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
 
 
-@DATASETS.register("aircraft")
+@DATASETS.register("aircraft", priority=40,
+                   detect=lambda p: any((c / "data" / "variants.txt").is_file() for c in (p, p / "fgvc-aircraft-2013b")))
 def fgvc_aircraft(
     root: str | Path,
     split: str = "train",
@@ -391,7 +465,7 @@ def _flower_names(n: int) -> list[str]:
     return names if n <= len(names) else [f"class_{k:03d}" for k in range(1, n + 1)]
 
 
-@DATASETS.register("flowers102")
+@DATASETS.register("flowers102", priority=40, detect=lambda p: any((c / "imagelabels.mat").is_file() for c in (p, p / "flowers-102")))
 def flowers102(root: str | Path, split: str = "train", *, download: bool = False) -> ImageList:
     """Oxford Flowers-102 with the official splits.
 

@@ -141,7 +141,7 @@ def open_or_build_cache(images: ImageList, cache_dir: str | Path, short_side: in
 
 
 class CachedImageDataset(Dataset):
-    """Items like :class:`finegrain.data.loader.ImageDataset`, read from a decoded cache.
+    """Items like :class:`finegrain.data.dataset.ImageDataset`, read from a decoded cache.
 
     ``transform`` works on uint8 ``[3, H, W]`` tensors and should end in uint8 (normalisation is
     done per batch on the device by the training loop), e.g. crop + flip from torchvision v2.

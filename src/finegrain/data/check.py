@@ -93,7 +93,7 @@ def _inspect(path: str) -> dict:
 
 
 def _open_splits(data, dataset):
-    from finegrain.data.datasets import open_dataset
+    from finegrain.data.base import open_dataset
 
     splits = {"train": open_dataset(data, "train", dataset=dataset)}
     try:

@@ -283,7 +283,7 @@ def eval_batches(images: ImageList, prep: dict, device: torch.device, *, pipelin
     """
     from torch.utils.data import DataLoader
 
-    from finegrain.data.loader import ImageDataset, collate
+    from finegrain.data.dataset import ImageDataset, collate
 
     if pipeline == "cpu":
         return DataLoader(ImageDataset(images, transform), batch_size=batch_size, num_workers=workers, collate_fn=collate)

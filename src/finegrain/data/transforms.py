@@ -7,12 +7,27 @@ import math
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from finegrain.registry import Registry
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _interp(name: str) -> InterpolationMode:
     return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
+
+
+AUGMENTS: Registry = Registry("augmentation preset")
+"""``--augment`` presets: each builds the ops that follow crop + flip. Info: ``pipelines`` (where
+the preset runs: the CPU pipeline, and the device pipeline for those it re-implements batched),
+``geometry_safe`` (boxes and part locations can follow it), ``jitter`` (device pipeline strength)."""
+
+AUGMENTS.add("none", lambda: [], pipelines=("cpu", "device"), geometry_safe=True, jitter=0.0)
+AUGMENTS.add("basic", lambda: [], pipelines=("cpu", "device"), geometry_safe=True, jitter=0.0)
+AUGMENTS.add("colorjitter", lambda: [v2.ColorJitter(0.3, 0.3, 0.3, 0.0)], pipelines=("cpu", "device"), geometry_safe=True,
+             jitter=0.3)
+AUGMENTS.add("randaugment", lambda: [v2.RandAugment(num_ops=2, magnitude=9)], pipelines=("cpu",), geometry_safe=False)
+AUGMENTS.add("trivialaugment", lambda: [v2.TrivialAugmentWide()], pipelines=("cpu",), geometry_safe=False)
 
 
 def train_transform(
@@ -31,7 +46,8 @@ def train_transform(
         img_size: output crop size.
         scale_min: smallest area fraction of the crop. Fine-grained cues are small, so the default
             (0.25) crops less aggressively than ImageNet's 0.08.
-        augment: "none"/"basic" (crop+flip only), "colorjitter", "randaugment" or "trivialaugment".
+        augment: an ``AUGMENTS`` preset: "none"/"basic" (crop+flip only), "colorjitter", "randaugment"
+            or "trivialaugment".
         normalize: end with float conversion and normalisation; False keeps uint8 so that a
             batch can be normalised on the device (see :func:`normalize_batch`).
     """
@@ -40,12 +56,7 @@ def train_transform(
         v2.RandomResizedCrop(img_size, scale=(scale_min, 1.0), interpolation=_interp(interpolation), antialias=True),
         v2.RandomHorizontalFlip(),
     ]
-    if augment == "colorjitter":
-        ops.append(v2.ColorJitter(0.3, 0.3, 0.3, 0.0))
-    elif augment == "randaugment":
-        ops.append(v2.RandAugment(num_ops=2, magnitude=9))
-    elif augment == "trivialaugment":
-        ops.append(v2.TrivialAugmentWide())
+    ops += AUGMENTS.get(augment)()
     if normalize:
         ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)

@@ -1,5 +1,5 @@
-"""Deployment: ONNX / TorchScript export checked against eager outputs, INT8 quantization (static PTQ,
-or quantization-aware fine-tuning with :mod:`finegrain.deploy.qat`)."""
+"""Deployment: ONNX / TorchScript export checked against eager outputs, and static INT8 quantization
+(quantization-aware fine-tuning is in :mod:`finegrain.compress.qat`)."""
 
 from finegrain.deploy.onnx import (
     OnnxModel,
@@ -11,7 +11,6 @@ from finegrain.deploy.onnx import (
     read_export_metadata,
     verify_export,
 )
-from finegrain.deploy.qat import QatModel, fold_batchnorm, qat_checkpoint, qat_finetune
 
-__all__ = ["OnnxModel", "QatModel", "compare_logits", "export_checkpoint", "export_onnx", "export_torchscript",
-           "fold_batchnorm", "qat_checkpoint", "qat_finetune", "quantize_int8", "read_export_metadata", "verify_export"]
+__all__ = ["OnnxModel", "compare_logits", "export_checkpoint", "export_onnx", "export_torchscript", "quantize_int8",
+           "read_export_metadata", "verify_export"]

@@ -35,12 +35,13 @@ def add_commands(sub) -> None:
     p.add_argument("--calib-images", type=int, default=64, help="images that set the initial (PTQ: final) ranges")
     p.add_argument("--verify-images", type=int, default=32, help="test images to compare with the eager model")
     p.add_argument("--device", default="auto", help="QAT training device")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted QAT fine-tune (same arguments)")
     p.set_defaults(func=_cmd_quantize)
 
 
 def _cmd_export(args) -> int:
     from finegrain.deploy.onnx import export_checkpoint
-    from finegrain.train.checkpoint import resolve_checkpoint
+    from finegrain.checkpoint import resolve_checkpoint
 
     out = args.out
     if out is None:
@@ -60,19 +61,19 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from finegrain.train.checkpoint import resolve_checkpoint
+    from finegrain.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
     data = Path(args.data)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data} is not a folder")
     if args.qat:
-        from finegrain.deploy.qat import qat_checkpoint
+        from finegrain.compress.qat import qat_checkpoint
 
         out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + ".qat.int8.onnx")
         s = qat_checkpoint(ckpt, out, data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                            workers=args.workers, calib_images=args.calib_images, verify_images=args.verify_images,
-                           max_train_images=args.max_train_images, device=args.device)
+                           max_train_images=args.max_train_images, device=args.device, resume=args.resume)
         s.pop("history")
         print(f"QAT int8 model: {s['int8_path']} ({s['qat_scaled_tensors']}/{s['quantized_tensors']} activation "
               f"tensors with QAT scales); fine-tuned checkpoint: {s['qat_checkpoint']}")

@@ -187,7 +187,7 @@ def sample_images(data: str | Path, n: int, *, seed: int = 0) -> list[Path]:
 
 def load_batch(predictor: Predictor, files: Sequence[Path]) -> torch.Tensor:
     """Preprocess image files with the checkpoint's eval transform (unreadable ones are skipped)."""
-    from finegrain.data.loader import load_rgb
+    from finegrain.data.dataset import load_rgb
 
     tensors = []
     for f in files:
@@ -234,7 +234,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: torc
         batch_size: calibration batch size.
         tensor_overrides: called with the pre-processed float model that is quantized; returns
             ONNX Runtime ``TensorQuantOverrides`` (``{tensor: [{"scale", "zero_point"}]}``) that
-            replace calibrated ranges, e.g. the scales learned by QAT (:mod:`finegrain.deploy.qat`).
+            replace calibrated ranges, e.g. the scales learned by QAT (:mod:`finegrain.compress.qat`).
         report: if given, filled with ``quantized_activations`` (activation tensors with a
             QuantizeLinear), ``overridden`` (how many of them took their scale from
             ``tensor_overrides``) and ``calibrated`` (the names of the others, when overriding).
@@ -311,7 +311,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, format: str = 
         raise ValueError("--int8 needs --calib-data PATH: a folder of real images to calibrate activation ranges")
     if calib_images < 1 or verify_images < 1:
         raise ValueError(f"--calib-images and --verify-images must be at least 1, got {calib_images} and {verify_images}")
-    from finegrain.train.checkpoint import resolve_checkpoint
+    from finegrain.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     predictor = Predictor.from_checkpoint(ckpt, device="cpu")

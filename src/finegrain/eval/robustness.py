@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from finegrain.data.datasets import open_dataset
-from finegrain.data.loader import collate, load_rgb
+from finegrain.data.base import open_dataset
+from finegrain.data.dataset import collate, load_rgb
 from finegrain.eval.corruptions import CORRUPTIONS, MAX_SEVERITY, corrupt
-from finegrain.train.checkpoint import resolve_checkpoint
+from finegrain.checkpoint import resolve_checkpoint
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
 

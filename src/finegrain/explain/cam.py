@@ -250,7 +250,7 @@ def explain(predictor, images: Sequence[str | Path | Image.Image], *, method: st
         The maps explain the backbone's own ``forward_head`` on ``forward_features``; for tasks whose
         ``predict`` adds something on top (e.g. attention cropping), they explain the backbone part.
     """
-    from finegrain.data.loader import load_rgb
+    from finegrain.data.dataset import load_rgb
 
     model = predictor.task.model
     method = method or default_method(model)
@@ -295,7 +295,7 @@ def save_overlays(predictor, images: Sequence[str | Path], out_dir: str | Path, 
         One record per image: ``{"path", "overlay", "method", "predicted", "target"}`` or
         ``{"path", "error"}`` for an unreadable file.
     """
-    from finegrain.data.loader import load_rgb
+    from finegrain.data.dataset import load_rgb
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ def localization_scores(predictor, images, *, method: str | None = None, use_lab
     Raises:
         ValueError: the list has no boxes.
     """
-    from finegrain.data.loader import load_rgb
+    from finegrain.data.dataset import load_rgb
     from finegrain.explain.cam import default_method, explain
 
     if not images.boxes or not any(b is not None for b in images.boxes):

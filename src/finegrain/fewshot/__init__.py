@@ -1,6 +1,9 @@
-"""Few-shot learning: episodic sampling, ProtoNet / RelationNet / MAML / baseline, and class enrollment."""
+"""Few-shot learning: episodic sampling and training, N-way K-shot evaluation, and class enrollment.
 
-from finegrain.fewshot.methods import METHODS, build_method, embed
+The methods (ProtoNet, RelationNet, MAML, the baseline) are Tasks in :mod:`finegrain.tasks.fewshot`.
+"""
+
 from finegrain.fewshot.sampler import EpisodicSampler, split_classes
+from finegrain.tasks.fewshot import build_method, embed, fewshot_method, fewshot_methods
 
-__all__ = ["METHODS", "EpisodicSampler", "build_method", "embed", "split_classes"]
+__all__ = ["EpisodicSampler", "build_method", "embed", "fewshot_method", "fewshot_methods", "split_classes"]

@@ -7,15 +7,12 @@ import json
 
 
 def _method_args(args) -> dict:
-    out = {}
-    if args.method == "relationnet":
-        out["relation"] = args.relation
-    elif args.method == "maml":
-        out.update(inner_steps=args.inner_steps, eval_steps=args.eval_steps, inner_lr=args.inner_lr,
-                   first_order=args.first_order)
-    elif args.method == "baseline":
-        out.update(head=args.head, steps=args.finetune_steps)
-    return out
+    """The chosen method's options from its flags (a flag of another method is refused)."""
+    from finegrain.cli import given_options
+    from finegrain.config import options_from_flags
+    from finegrain.tasks.fewshot import fewshot_method
+
+    return options_from_flags(fewshot_method(args.method or "protonet").name, given_options(args))
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -32,13 +29,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes")
     p.add_argument("--workers", type=int, default=0, help="data loading processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--relation", default="pooled", choices=("pooled", "maps"), help="RelationNet: compare pooled embeddings or feature maps")
-    p.add_argument("--inner-steps", type=int, default=5, help="MAML: inner steps while training")
-    p.add_argument("--eval-steps", type=int, default=10, help="MAML: inner steps at evaluation")
-    p.add_argument("--inner-lr", type=float, default=0.01, help="MAML: inner learning rate")
-    p.add_argument("--first-order", action="store_true", help="MAML: first-order approximation")
-    p.add_argument("--head", default="linear", choices=("linear", "cosine"), help="baseline: classifier fine-tuned on the support set")
-    p.add_argument("--finetune-steps", type=int, default=100, help="baseline: fine-tuning steps per episode")
+    from finegrain.cli import add_option_flags
+
+    add_option_flags(p, trainer="episodic")  # the methods' own options (--relation, --inner-steps, --head, ...)
 
 
 def _cmd_train(args) -> int:
@@ -50,10 +43,10 @@ def _cmd_train(args) -> int:
         epochs=args.epochs, val_episodes=args.val_episodes, img_size=args.img_size or 84, optimizer=args.optimizer,
         lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, split_method=args.split_method,
         split_fractions=tuple(args.split_fractions), split_seed=args.split_seed, seed=args.seed, workers=args.workers,
-        device=args.device, batch_size=args.batch_size, method_args=_method_args(args),
+        device=args.device, batch_size=args.batch_size, method_args=_method_args(args), resume=args.resume,
     )
     print(json.dumps(result, indent=1))
-    return 0
+    return 130 if result["interrupted"] else 0
 
 
 def _cmd_eval(args) -> int:
@@ -76,9 +69,9 @@ def _cmd_eval(args) -> int:
 
 def _cmd_enroll(args) -> int:
     from finegrain.fewshot.enroll import enroll_class, old_class_accuracy
-    from finegrain.train.checkpoint import read_metadata
+    from finegrain.checkpoint import read_meta
 
-    old_classes = list(read_metadata(args.checkpoint)["classes"])
+    old_classes = list(read_meta(args.checkpoint)["classes"])
     before = None
     if args.report_data:
         before = old_class_accuracy(args.checkpoint, args.report_data, classes=old_classes, split=args.report_split, device=args.device)
@@ -103,14 +96,14 @@ def _cmd_unenroll(args) -> int:
 
 def add_commands(sub) -> None:
     """Register ``fewshot train``, ``fewshot eval``, ``enroll`` and ``unenroll``."""
-    from finegrain.fewshot.methods import METHODS
+    from finegrain.tasks.fewshot import fewshot_methods
 
     fs = sub.add_parser("fewshot", help="few-shot learning: episodic training and N-way K-shot evaluation")
     fsub = fs.add_subparsers(dest="fewshot_command", required=True)
 
     p = fsub.add_parser("train", help="train a few-shot method on episodes of the base classes")
     _add_common(p)
-    p.add_argument("--method", default="protonet", choices=METHODS.names(),
+    p.add_argument("--method", default="protonet", choices=sorted(fewshot_methods()),
                    help="protonet, relationnet, maml (episodic), or baseline (a classifier of the base classes)")
     p.add_argument("--batch-size", type=int, default=32, help="baseline: images per step (default: 32)")
     p.add_argument("--backbone", default="conv4", help="timm model name, or conv4 (default: conv4)")
@@ -123,6 +116,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="outer learning rate (default: 1e-3)")
     p.add_argument("--backbone-lr-mult", type=float, default=1.0, help="backbone lr multiplier (lower it for pretrained backbones)")
     p.add_argument("--out", required=True, help="run folder for best/last.safetensors and metrics.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same arguments)")
     p.set_defaults(func=_cmd_train)
 
     p = fsub.add_parser("eval", help="N-way K-shot accuracy +- 95%% CI over seeded episodes")
@@ -130,7 +124,7 @@ def add_commands(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="a fewshot or supervised checkpoint (or run folder)")
     p.add_argument("--backbone", default=None, help="instead of --checkpoint: a timm backbone")
     p.add_argument("--pretrained", default="none", help="weights of --backbone: 'none', 'hub' or a file")
-    p.add_argument("--method", default=None, choices=METHODS.names(), help="default: the checkpoint's method, else protonet")
+    p.add_argument("--method", default=None, choices=sorted(fewshot_methods()), help="default: the checkpoint's method, else protonet")
     p.add_argument("--split", default="novel", choices=("base", "val", "novel", "all"), help="classes to evaluate on (default: novel)")
     p.add_argument("--k-shot", type=int, nargs="+", default=[1, 5], help="shot counts to evaluate (default: 1 5)")
     p.add_argument("--episodes", type=int, default=600, help="episodes per shot count (default: 600)")

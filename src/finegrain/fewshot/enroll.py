@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finegrain.data.loader import load_rgb
+from finegrain.data.dataset import load_rgb
 from finegrain.predict import Predictor, expand_images
-from finegrain.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from finegrain import checkpoint as ckpt
+from finegrain.checkpoint import resolve_checkpoint
 
 
 def _classifier_keys(task: nn.Module) -> tuple[str, str | None]:
@@ -108,7 +109,7 @@ def enroll_class(
         raise ValueError(f"--bias must be 'calibrated' or 'mean', got {bias!r}")
     if min_images < 1:
         raise ValueError(f"--min-images must be at least 1, got {min_images}")
-    sd, meta = load_checkpoint(src)
+    sd, meta = ckpt.load(src)
     classes = list(meta["classes"])
     if name in classes and not replace:
         raise ValueError(f"class {name!r} is already in {src} (index {classes.index(name)}); pass --replace to re-imprint it")
@@ -145,7 +146,8 @@ def enroll_class(
             sd[bkey] = torch.cat([sd[bkey], bias_row[None]])
     history = list(meta.get("enrolled", [])) + [{"class": name, "index": index, "images": len(used), "source": str(src),
                                                   "bias": bias, "margin_std": margin_std}]
-    save_checkpoint(out, sd, {**_clean(meta), "num_classes": len(classes), "classes": classes, "enrolled": history})
+    ckpt.save(out, sd, ckpt.derive(meta, "enrolled", src, details={"class": name}, num_classes=len(classes), classes=classes,
+                                   enrolled=history))
     return {"out": str(out), "class": name, "index": index, "images": used, "unreadable": bad, "num_classes": len(classes)}
 
 
@@ -153,7 +155,7 @@ def unenroll_class(checkpoint: str | Path, name: str, out: str | Path) -> dict:
     """Write a copy of ``checkpoint`` without class ``name`` (its classifier row removed)."""
     src = resolve_checkpoint(checkpoint)
     out = _check_out(src, out)
-    sd, meta = load_checkpoint(src)
+    sd, meta = ckpt.load(src)
     classes = list(meta["classes"])
     if name not in classes:
         raise ValueError(f"class {name!r} is not in {src}; it has {len(classes)} classes, e.g. {classes[:5]}")
@@ -168,19 +170,13 @@ def unenroll_class(checkpoint: str | Path, name: str, out: str | Path) -> dict:
         sd[bkey] = sd[bkey][keep].clone()
     classes.pop(index)
     history = [e for e in meta.get("enrolled", []) if e.get("class") != name]
-    save_checkpoint(out, sd, {**_clean(meta), "num_classes": len(classes), "classes": classes, "enrolled": history})
+    ckpt.save(out, sd, ckpt.derive(meta, "unenrolled", src, details={"class": name}, num_classes=len(classes), classes=classes,
+                                   enrolled=history))
     return {"out": str(out), "class": name, "index": index, "num_classes": len(classes)}
 
 
 def _task_skeleton(path: Path):
-    from finegrain.predict import task_from_checkpoint
-
-    return task_from_checkpoint(path, "cpu")[0]
-
-
-def _clean(meta: dict) -> dict:
-    # save_checkpoint writes its own format_version and versions.
-    return {k: v for k, v in meta.items() if k not in ("format_version", "versions")}
+    return ckpt.load_task(path, "cpu")[0]
 
 
 @torch.no_grad()
@@ -193,8 +189,8 @@ def old_class_accuracy(checkpoint: str | Path, data: str | Path, *, classes: Seq
     """
     from torch.utils.data import DataLoader
 
-    from finegrain.data.datasets import open_dataset
-    from finegrain.data.loader import ImageDataset, collate
+    from finegrain.data.base import open_dataset
+    from finegrain.data.dataset import ImageDataset, collate
     from finegrain.train.loop import predict_loader
 
     predictor = Predictor.from_checkpoint(checkpoint, device=device)

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from finegrain.data.base import ImageList
-from finegrain.data.loader import ImageDataset, collate
-from finegrain.fewshot.methods import EpisodicTask
+from finegrain.data.dataset import ImageDataset, collate
+from finegrain.tasks.fewshot import EpisodicTask
 from finegrain.fewshot.sampler import EpisodicSampler
 from finegrain.train.loop import predict_loader
 

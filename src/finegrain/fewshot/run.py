@@ -1,6 +1,6 @@
 """``fit_episodic`` and ``evaluate_fewshot``: the public functions behind ``finegrain fewshot``.
 
-Training feeds episodes through the one training loop (:func:`finegrain.train.loop.train_one_epoch`):
+Training feeds episodes through the one trainer (:class:`finegrain.train.trainer.Trainer`):
 an :class:`~finegrain.fewshot.sampler.EpisodicSampler` is the DataLoader's ``batch_sampler``, so
 each batch is one episode, and the method Task splits it into support and query by position.
 """
@@ -8,26 +8,29 @@ each batch is one episode, and the method Task splits it into support and query 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from finegrain import checkpoint as ckpt
 from finegrain.config import ModelConfig, TrainConfig
-from finegrain.data.base import ImageList
-from finegrain.data.datasets import open_dataset
-from finegrain.data.loader import ImageDataset, collate
+from finegrain.data.base import ImageList, open_dataset
+from finegrain.data.dataset import ImageDataset, collate
+from finegrain.data.sampler import EpochSampler, SeededItems
 from finegrain.data.transforms import eval_transform, train_transform
 from finegrain.fewshot.evaluate import compute_features, evaluate_episodes
-from finegrain.fewshot.methods import METHODS, EpisodicTask, build_method
 from finegrain.fewshot.sampler import SPLITS, EpisodeCollate, EpisodicSampler, split_classes
 from finegrain.models.backbone import create_backbone, data_config
-from finegrain.train.checkpoint import save_checkpoint
-from finegrain.train.loop import train_one_epoch
+from finegrain.tasks import resolve_options
+from finegrain.tasks.fewshot import EpisodicTask, build_method, fewshot_method
+from finegrain.train.finetune import open_job
+from finegrain.train.logger import RunLogger
 from finegrain.train.optim import build_optimizer, build_scheduler
-from finegrain.utils import console, resolve_device
+from finegrain.train.trainer import StepConfig, Trainer, TrainSetup
+from finegrain.utils import resolve_device
 
 
 def open_all_images(data: str | Path, dataset: str | None = None) -> ImageList:
@@ -81,6 +84,8 @@ def fit_episodic(
     device: str = "auto",
     batch_size: int = 32,
     method_args: dict[str, Any] | None = None,
+    resume: bool = False,
+    max_epochs: int | None = None,
 ) -> dict:
     """Train a few-shot method on episodes of the base classes; keep the best on the val classes.
 
@@ -90,76 +95,92 @@ def fit_episodic(
     The logged ``train_acc`` of an episodic method counts the support rows too (the loop scores
     every row of the batch), so it runs higher than query accuracy; ``val_acc`` is query-only.
 
-    Writes ``best.safetensors`` and ``last.safetensors`` (self-describing checkpoints whose
-    ``fewshot`` metadata names the class splits) and ``metrics.jsonl`` into ``out``.
+    Training runs through the one trainer in ``out``: ``best.safetensors`` and
+    ``last.safetensors`` (self-describing checkpoints whose ``fewshot`` metadata names the class
+    splits), ``metrics.jsonl``, and after Ctrl-C a state that ``resume=True`` continues exactly
+    (the arguments are kept in ``job.json`` and must be the same).
 
     Returns:
-        dict with ``run_dir``, ``best_checkpoint``, ``best_val_acc`` and ``epochs``.
+        dict with ``run_dir``, ``best_checkpoint``, ``best_val_acc``, ``epochs`` and ``interrupted``.
     """
+    args = {k: v for k, v in locals().items() if k not in ("resume", "max_epochs", "workers", "device")}
+    run_dir = Path(out)
+    resumed = open_job(run_dir, {**args, "data": str(data), "out": str(out)}, resume=resume)
     torch.manual_seed(seed)
     dev = resolve_device(device)
     images = open_all_images(data, dataset)
     splits = split_classes(images, method=split_method, fractions=split_fractions, seed=split_seed)
-    cls = METHODS.get(method)
+    cls = fewshot_method(method)
+    options = resolve_options(cls.name, method_args)
     # The baseline pre-trains as an ordinary classifier of the base classes; the others on episodes.
     n_out = cls.head_classes(n_way) if cls.episodic else len(splits["base"])
-    model = create_backbone(backbone, num_classes=n_out, pretrained=pretrained)
-    task = cls(model, n_out, n_way=n_way, k_shot=k_shot, **(method_args or {})).to(dev)
+    model = create_backbone(backbone, num_classes=n_out, pretrained="none" if resumed else pretrained)
+    task = cls(model, n_out, n_way=n_way, k_shot=k_shot, **dataclasses.asdict(options)).to(dev)
     prep = _preprocessing(model, img_size)
-    t_train = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
-    sampler = None
-    if cls.episodic:
-        sampler = EpisodicSampler(images.labels, n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=episodes,
-                                  classes=splits["base"], class_names=images.classes, seed=seed)
-        loader = DataLoader(ImageDataset(images, t_train), batch_sampler=sampler, num_workers=workers,
-                            collate_fn=EpisodeCollate(n_way, k_shot, q_query))
-    else:
-        base_index = {c: i for i, c in enumerate(splits["base"])}
-        pick = [i for i, l in enumerate(images.labels) if l in base_index]
-        base = ImageList([images.paths[i] for i in pick], [base_index[images.labels[i]] for i in pick],
-                         [images.classes[c] for c in splits["base"]], source=images.source)
-        loader = DataLoader(ImageDataset(base, t_train), batch_size=batch_size, shuffle=True, num_workers=workers,
-                            collate_fn=collate, drop_last=len(base) > batch_size,
-                            generator=torch.Generator().manual_seed(seed))
-    tcfg = TrainConfig(optimizer=optimizer, backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay)
-    opt = build_optimizer(task, tcfg, lr=lr)
-    sched = build_scheduler(opt, total_steps=epochs * len(loader), warmup_steps=0)
+    batches, epoch_images, seeded = (_episode_batches if cls.episodic else _base_batches)(
+        images, splits, prep, n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=episodes, batch_size=batch_size,
+        seed=seed, workers=workers)
+    opt = build_optimizer(task, TrainConfig(optimizer=optimizer, backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay), lr=lr)
+    sched = build_scheduler(opt, total_steps=epochs * len(batches(0, 0)), warmup_steps=0)
     val = images.subset([i for i, l in enumerate(images.labels) if l in set(splits["val"])])
-    can_validate = len(splits["val"]) >= n_way and val_episodes > 0
+    validate = None
+    if len(splits["val"]) >= n_way and val_episodes > 0:
+        validate = functools.partial(_validate, val=val, prep=prep, n_way=n_way, k_shot=k_shot, q_query=q_query,
+                                     episodes=val_episodes, classes=splits["val"], class_names=images.classes, seed=seed + 1,
+                                     device=dev, workers=workers)
+    setup = TrainSetup(module=task, optimizer=opt, scheduler=sched, batches=batches, epoch_images=epoch_images,
+                       validate=validate, metric="val_acc", step=StepConfig(amp=False),
+                       on_epoch_start=lambda epoch: setattr(seeded, "epoch", epoch))
+    model_cfg = ModelConfig(backbone=backbone, pretrained=pretrained, task=task.name, options=options)
+    meta = ckpt.describe(task, model=dataclasses.asdict(model_cfg), classes=[f"way_{i}" for i in range(task.num_classes)],
+                         preprocessing=prep, fewshot={"method": method, "n_way": n_way, "k_shot": k_shot, "q_query": q_query,
+                                                      "split_method": split_method,
+                                                      "splits": {s: [images.classes[c] for c in splits[s]] for s in SPLITS}})
+    trainer = Trainer(run_dir, epochs=epochs, meta=meta, device=dev, seed=seed, logger=RunLogger(run_dir))
+    r = trainer.run(setup, resume=resumed, max_epochs=max_epochs)
+    return {"run_dir": str(run_dir), "best_checkpoint": str(r.best_checkpoint), "best_val_acc": r.best_metric,
+            "epochs": r.epochs_run, "interrupted": r.interrupted}
 
-    run_dir = Path(out)
-    if (run_dir / "last.safetensors").exists():
-        raise FileExistsError(f"{run_dir} already holds a few-shot run; pass another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "task": task.name, "task_args": task.task_args(),
-        "model": dataclasses.asdict(ModelConfig(backbone=backbone, pretrained=pretrained, task=task.name)),
-        "num_classes": task.num_classes, "classes": [f"way_{i}" for i in range(task.num_classes)],
-        "preprocessing": prep,
-        "fewshot": {"method": method, "n_way": n_way, "k_shot": k_shot, "q_query": q_query, "split_method": split_method,
-                    "splits": {s: [images.classes[c] for c in splits[s]] for s in SPLITS}},
-    }
-    best, best_acc = run_dir / "best.safetensors", None
-    for epoch in range(epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        tr = train_one_epoch(task, loader, opt, sched, device=dev, amp=False)
-        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "steps_per_s":
-               len(loader) / max(tr["seconds"], 1e-9), "skipped_images": len(tr["skipped"])}
-        if can_validate:
-            feats, labels, _ = compute_features(task, val, _eval_tf(prep), device=dev, workers=workers)
-            r = evaluate_episodes(task, feats, labels, n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=val_episodes,
-                                  classes=splits["val"], class_names=images.classes, seed=seed + 1, device=dev)
-            row.update(val_acc=r["acc"], val_ci95=r["ci95"])
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        console.print(f"epoch {epoch + 1}: loss {row['train_loss']:.3f} train acc {row['train_acc']:.1f}%"
-                      + (f" | val {row['val_acc']:.2f} +- {row['val_ci95']:.2f}%" if "val_acc" in row else ""))
-        if not can_validate or best_acc is None or row["val_acc"] > best_acc:
-            best_acc = row.get("val_acc")
-            save_checkpoint(best, task.state_dict(), {**meta, "epoch": epoch + 1, "metrics": row})
-        save_checkpoint(run_dir / "last.safetensors", task.state_dict(), {**meta, "epoch": epoch + 1, "metrics": row})
-    return {"run_dir": str(run_dir), "best_checkpoint": str(best), "best_val_acc": best_acc, "epochs": epochs}
+
+def _episode_batches(images: ImageList, splits: dict, prep: dict, *, n_way: int, k_shot: int, q_query: int, episodes: int,
+                     seed: int, workers: int, **_):
+    """Episodes of the base classes: ``(batches(epoch, start), epoch_images(epoch, start), seeded dataset)``."""
+    t_train = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
+    seeded = SeededItems(ImageDataset(images, t_train), seed)
+    sampler = EpisodicSampler(images.labels, n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=episodes,
+                              classes=splits["base"], class_names=images.classes, seed=seed)
+    collate_fn = EpisodeCollate(n_way, k_shot, q_query)
+
+    def batches(epoch: int, start: int):
+        sampler.set_epoch(epoch, start)
+        return DataLoader(seeded, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn)
+
+    return batches, lambda epoch, start: (episodes - start) * n_way * (k_shot + q_query), seeded
+
+
+def _base_batches(images: ImageList, splits: dict, prep: dict, *, batch_size: int, seed: int, workers: int, **_):
+    """Ordinary batches of the base classes (the baseline's pre-training), in a (seed, epoch) order."""
+    base_index = {c: i for i, c in enumerate(splits["base"])}
+    pick = [i for i, l in enumerate(images.labels) if l in base_index]
+    base = ImageList([images.paths[i] for i in pick], [base_index[images.labels[i]] for i in pick],
+                     [images.classes[c] for c in splits["base"]], source=images.source)
+    t_train = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
+    seeded = SeededItems(ImageDataset(base, t_train), seed)
+    n = len(base)
+
+    def batches(epoch: int, start: int):
+        sampler = EpochSampler(n, seed, epoch, min(start * batch_size, n))
+        return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                          drop_last=len(sampler) > batch_size)
+
+    return batches, lambda epoch, start: n - min(start * batch_size, n), seeded
+
+
+def _validate(task, *, val: ImageList, prep: dict, workers: int, device, **episodes) -> dict:
+    """Query accuracy (+- 95% CI) on seeded episodes of the val classes."""
+    feats, labels, _ = compute_features(task, val, _eval_tf(prep), device=device, workers=workers)
+    r = evaluate_episodes(task, feats, labels, device=device, **episodes)
+    return {"val_acc": r["acc"], "val_ci95": r["ci95"]}
 
 
 def evaluate_fewshot(
@@ -203,9 +224,7 @@ def evaluate_fewshot(
     images = open_all_images(data, dataset)
     saved_splits = None
     if checkpoint is not None:
-        from finegrain.predict import task_from_checkpoint
-
-        task, meta = task_from_checkpoint(checkpoint, dev)
+        task, meta = ckpt.load_task(checkpoint, dev)
         prep = dict(meta["preprocessing"], **({"img_size": img_size} if img_size else {}))
         saved_splits = meta.get("fewshot", {}).get("splits")
         same = isinstance(task, EpisodicTask) and method in (None, task.method)
@@ -216,7 +235,7 @@ def evaluate_fewshot(
                                 **{**saved, **(method_args or {})})
     else:
         name = method or "protonet"
-        model = create_backbone(backbone, num_classes=METHODS.get(name).head_classes(n_way), pretrained=pretrained)
+        model = create_backbone(backbone, num_classes=fewshot_method(name).head_classes(n_way), pretrained=pretrained)
         task = build_method(name, model, n_way=n_way, k_shot=min(k_shots), **(method_args or {}))
         prep = _preprocessing(model, img_size)
     task = task.to(dev).eval()

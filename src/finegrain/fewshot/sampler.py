@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Sampler
 
 from finegrain.data.base import ImageList
-from finegrain.data.loader import collate
+from finegrain.data.dataset import collate
 
 SPLITS = ("base", "val", "novel")
 SPLIT_METHODS = ("auto", "cub", "random")
@@ -127,11 +127,11 @@ class EpisodicSampler(Sampler[list[int]]):
         self.by_class = {c: by_class[c] for c in classes}
         self.classes = classes
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
-        self.episodes, self.seed, self.epoch = episodes, seed, 0
+        self.episodes, self.seed, self.epoch, self.start = episodes, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Draw a different (still seeded) set of episodes for each training epoch."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Draw a different (still seeded) set of episodes for each training epoch, from episode ``start`` on (resume)."""
+        self.epoch, self.start = epoch, start
 
     def episode(self, i: int) -> list[int]:
         """Indices of episode ``i``: support block then query block, both class-major."""
@@ -143,10 +143,10 @@ class EpisodicSampler(Sampler[list[int]]):
         return support + query
 
     def __iter__(self) -> Iterator[list[int]]:
-        return (self.episode(i) for i in range(self.episodes))
+        return (self.episode(i) for i in range(self.start, self.episodes))
 
     def __len__(self) -> int:
-        return self.episodes
+        return self.episodes - self.start
 
 
 class EpisodeCollate:

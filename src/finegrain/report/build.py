@@ -23,8 +23,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from finegrain.data.base import ImageList
-from finegrain.data.datasets import open_dataset
-from finegrain.data.loader import ImageDataset, collate, load_rgb, load_split
+from finegrain.data.base import open_dataset
+from finegrain.data.dataset import ImageDataset, collate, load_rgb
+from finegrain.data.split import load_split
 from finegrain.eval.metrics import (
     classification_metrics,
     expected_calibration_error,
@@ -35,7 +36,7 @@ from finegrain.predict import Predictor
 from finegrain.report import plots
 from finegrain.report.html import esc, img_tag, page, pil_png, table
 from finegrain.tasks.base import Task
-from finegrain.train.checkpoint import resolve_checkpoint
+from finegrain.checkpoint import resolve_checkpoint
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
 

@@ -1,4 +1,7 @@
-from finegrain.tasks.base import TASKS, Task, build_task
-from finegrain.tasks import distill, fgvc, parts, racnn, supervised, transfg, wsdan  # noqa: F401  (registers the tasks)
+"""Tasks: every method (supervised, fgvc, WS-DAN, RA-CNN, parts, TransFG, distillation and the few-shot
+methods) as an ``nn.Module`` whose ``forward(batch)`` returns the loss; all are registered in ``TASKS``."""
 
-__all__ = ["TASKS", "Task", "build_task"]
+from finegrain.tasks.base import TASKS, BuildContext, LoadedCheckpoint, Task, TaskOptions, build_task, resolve_options
+from finegrain.tasks import distill, fewshot, fgvc, parts, racnn, supervised, transfg, wsdan  # noqa: F401,E402  (registers the tasks)
+
+__all__ = ["TASKS", "BuildContext", "LoadedCheckpoint", "Task", "TaskOptions", "build_task", "resolve_options"]

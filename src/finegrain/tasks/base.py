@@ -7,7 +7,9 @@ inference path without training-only branches; the Predictor and exporters call 
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -15,6 +17,56 @@ from torch import nn
 from finegrain.registry import Registry
 
 TASKS: Registry[type["Task"]] = Registry("task")
+
+
+def option(default: Any, help: str, *, flag: str | None = None) -> Any:
+    """A field of a task's options: ``help`` becomes the flag's help text, ``flag`` its name (without ``--``).
+
+    Flags are shared by name across tasks: two tasks that declare the same flag give the same
+    option (``--parts-pool`` for ``parts`` and ``parts-weak``).
+    """
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass
+class TaskOptions:
+    """A task's own options: the fields are keyword arguments of the task's constructor.
+
+    Each task declares a subclass next to itself (``WSDANTask.Options``); the CLI makes a flag of
+    each field (its ``flag`` metadata, default ``--<field-name>``) and a run's ``config.yaml``
+    stores them under ``model.options``.
+    """
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the flag when a value is out of range."""
+
+    @classmethod
+    def flags(cls) -> dict[str, str]:
+        """``{flag name: field name}``."""
+        return {flag_name(f): f.name for f in dataclasses.fields(cls)}
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The CLI flag (without ``--``) of an options field."""
+    return f.metadata.get("flag") or f.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a task may take from the run beyond its own options (see :meth:`Task.build_args`)."""
+
+    label_smoothing: float = 0.0
+    drop_rate: float = 0.0
+    preprocessing: dict | None = None
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint opened by :func:`finegrain.checkpoint.load_task`, handed to tasks that need one (a teacher)."""
+
+    task: "Task"
+    meta: Any
+    path: str
 
 
 class Task(nn.Module):
@@ -27,6 +79,18 @@ class Task(nn.Module):
     """
 
     name = "base"
+
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    """The task's own options (a :class:`TaskOptions` dataclass)."""
+
+    trainer: ClassVar[str] = "supervised"
+    """How the task is trained: "supervised" (``finegrain train``, batches of labelled images) or
+    "episodic" (``finegrain fewshot train``, one episode per batch)."""
+
+    checkpoint_args: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that name another checkpoint (distillation's ``teacher``): the code
+    that builds the task opens each and passes a :class:`LoadedCheckpoint`; ``task_args()``
+    keeps the path."""
 
     annotations: tuple[str, ...] = ()
     """Annotations the task trains with ("boxes", "parts"); ``fit`` checks that the data set has
@@ -64,9 +128,9 @@ class Task(nn.Module):
         return {}
 
     @classmethod
-    def config_args(cls, cfg, preprocessing: dict) -> dict[str, Any]:
-        """Keyword arguments this task takes from a ``RunConfig`` (beyond model and class count)."""
-        return {}
+    def build_args(cls, options: TaskOptions, context: BuildContext) -> dict[str, Any]:
+        """Constructor keyword arguments (beyond model and class count) from the task's options and the run."""
+        return {"label_smoothing": context.label_smoothing, **dataclasses.asdict(options)}
 
     inference_name: str | None = None
     """Task to rebuild for inference when it differs from this one (e.g. a distilled student is
@@ -101,5 +165,26 @@ class Task(nn.Module):
 
 
 def build_task(name: str, model: nn.Module, num_classes: int, **kwargs: Any) -> Task:
-    """Build the registered task ``name`` around ``model``."""
+    """Build the registered task ``name`` around ``model`` from constructor keyword arguments.
+
+    Arguments in the task's ``checkpoint_args`` must already be :class:`LoadedCheckpoint`\ s
+    (:func:`finegrain.checkpoint.build_task` opens them from paths).
+    """
     return TASKS.get(name)(model, num_classes, **kwargs)
+
+
+def resolve_options(task: str, options: TaskOptions | dict | None) -> TaskOptions:
+    """The task's options object from a dict of field values (or an options object), checked."""
+    cls = TASKS.get(task).Options
+    if options is None:
+        options = cls()
+    elif isinstance(options, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"task {task} has no options {unknown}; its options are {sorted(names) or 'none'}")
+        options = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    elif not isinstance(options, cls):
+        raise TypeError(f"options of task {task} must be a {cls.__name__} or a dict, got {type(options).__name__}")
+    options.check()
+    return options

@@ -19,11 +19,13 @@ needs no teacher.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finegrain.tasks.base import TASKS, Task
+from finegrain.tasks.base import TASKS, BuildContext, LoadedCheckpoint, Task, TaskOptions, option
 from finegrain.tasks.supervised import soft_cross_entropy
 
 
@@ -59,12 +61,31 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean", log_target=True) * t * t
 
 
+@dataclass
+class DistillOptions(TaskOptions):
+    teacher: str = option("", "the teacher checkpoint (a file or run folder)", flag="teacher")
+    temperature: float = option(4.0, "distillation temperature", flag="kd-temperature")
+    alpha: float = option(0.7, "weight of the distillation term (1 - alpha for cross-entropy)", flag="kd-alpha")
+    feature_weight: float = option(0.0, "weight of feature distillation (0 turns it off)", flag="kd-feature-weight")
+    attention_weight: float = option(0.0, "weight of attention transfer from the teacher's stage feature maps (0 turns it off)",
+                                     flag="kd-attention-weight")
+
+    def check(self) -> None:
+        if not self.teacher:
+            raise ValueError("distillation needs a teacher checkpoint: pass --teacher PATH")
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise ValueError(f"--kd-temperature must be > 0 and --kd-alpha in [0, 1], got {self.temperature} and {self.alpha}")
+        if self.feature_weight < 0 or self.attention_weight < 0:
+            raise ValueError("--kd-feature-weight and --kd-attention-weight must be >= 0")
+
+
 @TASKS.register("distill")
 class DistillTask(Task):
     """Student = ``model``; loss = (1 - alpha) CE + alpha KD (+ feature_weight * feature MSE).
 
     Args:
-        teacher: path of a trained finegrain checkpoint with the same classes.
+        teacher: the trained teacher (a :class:`LoadedCheckpoint` with the same classes;
+            :func:`finegrain.checkpoint.build_task` opens it from a path).
         temperature: softening temperature T.
         alpha: weight of the distillation term.
         feature_weight: weight of the feature regression term (0 turns it off).
@@ -76,16 +97,18 @@ class DistillTask(Task):
 
     name = "distill"
     inference_name = "supervised"
+    Options = DistillOptions
+    checkpoint_args = ("teacher",)
 
-    def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0, teacher: str = "",
-                 temperature: float = 4.0, alpha: float = 0.7, feature_weight: float = 0.0,
-                 attention_weight: float = 0.0, attention_stages: int = 3, student_mean=(0.485, 0.456, 0.406), student_std=(0.229, 0.224, 0.225)):
+    def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0,
+                 teacher: LoadedCheckpoint | None = None, temperature: float = 4.0, alpha: float = 0.7,
+                 feature_weight: float = 0.0, attention_weight: float = 0.0, attention_stages: int = 3,
+                 student_mean=(0.485, 0.456, 0.406), student_std=(0.229, 0.224, 0.225)):
         super().__init__(model, num_classes, label_smoothing=label_smoothing)
-        from finegrain.predict import task_from_checkpoint
-
-        if not teacher:
-            raise ValueError("distillation needs a teacher checkpoint: pass --teacher PATH")
-        teacher_task, meta = task_from_checkpoint(teacher, "cpu")
+        if not isinstance(teacher, LoadedCheckpoint):
+            raise ValueError("distillation needs a teacher checkpoint: pass --teacher PATH (in Python, build the task with "
+                             "finegrain.checkpoint.build_task, which opens it)")
+        teacher_task, meta, teacher = teacher.task, teacher.meta, teacher.path
         if meta["num_classes"] != num_classes:
             raise ValueError(f"teacher {teacher} has {meta['num_classes']} classes, the data has {num_classes}; "
                              "distil on the data set the teacher was trained on")
@@ -114,11 +137,10 @@ class DistillTask(Task):
             self.feature_proj = nn.Linear(model.num_features, teacher_task.model.num_features)
 
     @classmethod
-    def config_args(cls, cfg, preprocessing):
-        m = cfg.model
-        return {"teacher": m.teacher or "", "temperature": m.kd_temperature, "alpha": m.kd_alpha,
-                "feature_weight": m.kd_feature_weight, "attention_weight": m.kd_attention_weight, "student_mean": preprocessing["mean"],
-                "student_std": preprocessing["std"]}
+    def build_args(cls, options, context: BuildContext):
+        prep = context.preprocessing or {}
+        return {**super().build_args(options, context), "student_mean": prep.get("mean", (0.485, 0.456, 0.406)),
+                "student_std": prep.get("std", (0.229, 0.224, 0.225))}
 
     def _apply(self, fn, *args, **kwargs):
         self.teacher._apply(fn, *args, **kwargs)  # follow .to(device) / channels_last

@@ -8,13 +8,34 @@ The parts are registries: ``finegrain.models.attention.ATTENTIONS`` (se, cbam, d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from finegrain.models import attention as _attention
 from finegrain.models import pooling as _pooling
 from finegrain.models.losses import CombinedLoss
-from finegrain.tasks.base import TASKS, Task
+from finegrain.tasks.base import TASKS, BuildContext, Task, TaskOptions, option
+
+
+@dataclass
+class FGVCOptions(TaskOptions):
+    attention: str = option("none", "attention on the last feature map: none, se, cbam, dual, deform", flag="attention")
+    pooling: str = option("avg", "global pooling: avg, bilinear, compact_bilinear, netvlad", flag="pooling")
+    loss: str = option("ce", "loss terms name[:weight] joined by '+': ce, focal, center, triplet; e.g. ce+center:0.01+triplet:1.0",
+                       flag="loss")
+    reduce_dim: int = option(0, "1x1 conv to this many channels before attention and pooling (0 turns it off)", flag="reduce-dim")
+    pool_dim: int = option(0, "compact_bilinear: output size (0: 8192); netvlad: number of centres (0: 16)", flag="pool-dim")
+
+    def check(self) -> None:
+        from finegrain.models.losses import parse_loss_spec
+
+        _attention.ATTENTIONS.check(self.attention, "--attention")
+        _pooling.POOLINGS.check(self.pooling, "--pooling")
+        parse_loss_spec(self.loss)
+        if self.reduce_dim < 0 or self.pool_dim < 0:
+            raise ValueError(f"--reduce-dim and --pool-dim must be >= 0, got {self.reduce_dim} and {self.pool_dim}")
 
 
 def feature_map_shape(model: nn.Module, img_size: int = 64) -> torch.Size:
@@ -66,6 +87,7 @@ class FGVCTask(Task):
     """
 
     name = "fgvc"
+    Options = FGVCOptions
 
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0,
                  attention: str = "none", pooling: str = "avg", loss: str = "ce", reduce_dim: int = 0,
@@ -98,10 +120,8 @@ class FGVCTask(Task):
                      "pool_dim": pool_dim, "drop_rate": drop_rate, "label_smoothing": label_smoothing}
 
     @classmethod
-    def config_args(cls, cfg, preprocessing):
-        m = cfg.model
-        return {"attention": m.attention, "pooling": m.pooling, "loss": m.loss, "reduce_dim": m.reduce_dim,
-                "pool_dim": m.pool_dim, "drop_rate": m.drop_rate}
+    def build_args(cls, options, context: BuildContext):
+        return {**super().build_args(options, context), "drop_rate": context.drop_rate}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features ``[B, D]`` (before dropout and the classifier)."""

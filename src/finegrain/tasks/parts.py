@@ -22,13 +22,15 @@ attention-based multiple-instance pooling (``pool="mil"``, :mod:`finegrain.model
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from finegrain.models.crops import soft_argmax, square_boxes, zoom
 from finegrain.models.mil import AttentionMILPool
-from finegrain.tasks.base import TASKS, Task
+from finegrain.tasks.base import TASKS, BuildContext, Task, TaskOptions, option
 from finegrain.tasks.fgvc import check_feature_map
 from finegrain.tasks.supervised import soft_cross_entropy
 
@@ -88,6 +90,42 @@ def pck(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, thresho
     return 100.0 * hit.sum().item() / max(visible.sum().item(), 1.0)
 
 
+_POOL_HELP = "how object and part crop features are combined: concat or mil (attention MIL pooling)"
+_SIZE_HELP = "part crop side as a fraction of the object box's (parts) or the image's (parts-weak) longer side"
+
+
+@dataclass
+class _PartOptions(TaskOptions):
+    pool: str = option("concat", _POOL_HELP, flag="parts-pool")
+    part_size: float = option(0.4, _SIZE_HELP, flag="parts-size")
+
+    def check(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"--parts-pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if not 0 < self.part_size <= 1:
+            raise ValueError(f"--parts-size must be in (0, 1], got {self.part_size}")
+
+
+@dataclass
+class PartsOptions(_PartOptions):
+    groups: str = option("cub4", "CUB parts that make the part crops: cub2, cub4, cub6, cub15, or 'name=id,id;name=id'",
+                         flag="parts-groups")
+
+    def check(self) -> None:
+        super().check()
+        parse_part_groups(self.groups)
+
+
+@dataclass
+class WeakPartsOptions(_PartOptions):
+    num_parts: int = option(4, "number of attention parts K", flag="parts-num")
+
+    def check(self) -> None:
+        super().check()
+        if self.num_parts < 1:
+            raise ValueError(f"--parts-num must be at least 1, got {self.num_parts}")
+
+
 class _PartCrops(Task):
     """Shared part: localiser heatmaps, crops, crop features and the classifier over them."""
 
@@ -136,6 +174,10 @@ class _PartCrops(Task):
     def task_args(self):
         return dict(self.args)
 
+    @classmethod
+    def build_args(cls, options, context: BuildContext):
+        return {**super().build_args(options, context), "drop_rate": context.drop_rate}
+
 
 @TASKS.register("parts")
 class PartsTask(_PartCrops):
@@ -151,6 +193,7 @@ class PartsTask(_PartCrops):
     """
 
     name = "parts"
+    Options = PartsOptions
     annotations = ("boxes", "parts")
 
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0, groups: str = "cub4",
@@ -163,11 +206,6 @@ class PartsTask(_PartCrops):
         self.box_head = nn.Linear(model.num_features, 4)
         self.locate_weight, self.box_weight = locate_weight, box_weight
         self.args.update(groups=groups, locate_weight=locate_weight, box_weight=box_weight)
-
-    @classmethod
-    def config_args(cls, cfg, preprocessing):
-        m = cfg.model
-        return {"groups": m.parts_groups, "pool": m.parts_pool, "part_size": m.parts_size, "drop_rate": m.drop_rate}
 
     def predict_box(self, pooled: torch.Tensor) -> torch.Tensor:
         """Object box ``[B, 4]`` from pooled features: sigmoid ``(cx, cy, w, h)``, sides at least 0.1."""
@@ -215,6 +253,7 @@ class WeakPartsTask(_PartCrops):
     """
 
     name = "parts-weak"
+    Options = WeakPartsOptions
 
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0, num_parts: int = 4,
                  pool: str = "concat", part_size: float = 0.4, crop_ratio: float = 0.5, diversity_weight: float = 1.0,
@@ -225,11 +264,6 @@ class WeakPartsTask(_PartCrops):
                          part_size=part_size, crop_ratio=crop_ratio, drop_rate=drop_rate)
         self.diversity_weight = diversity_weight
         self.args.update(num_parts=num_parts, diversity_weight=diversity_weight)
-
-    @classmethod
-    def config_args(cls, cfg, preprocessing):
-        m = cfg.model
-        return {"num_parts": m.parts_num, "pool": m.parts_pool, "part_size": m.parts_size, "drop_rate": m.drop_rate}
 
     def _logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.model.forward_features(images)

@@ -26,6 +26,8 @@ Differences from the paper, on purpose:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import copy
 
 import torch
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finegrain.models.crops import masked_zoom, square_boxes
-from finegrain.tasks.base import TASKS, Task
+from finegrain.tasks.base import TASKS, Task, TaskOptions, option
 from finegrain.tasks.fgvc import check_feature_map
 from finegrain.tasks.supervised import soft_cross_entropy
 
@@ -69,6 +71,18 @@ class AttentionProposal(nn.Module):
         return square_boxes(t[:, :2], t[:, 2])
 
 
+@dataclass
+class RACNNOptions(TaskOptions):
+    scales: int = option(3, "number of scales, each zooming into the previous one: 2 or 3", flag="racnn-scales")
+    margin: float = option(0.05, "margin of the inter-scale ranking loss", flag="racnn-margin")
+    shared_backbone: bool = option(True, "one backbone for all scales; --no-racnn-shared-backbone gives each scale a copy",
+                                   flag="racnn-shared-backbone")
+
+    def check(self) -> None:
+        if self.scales not in (2, 3):
+            raise ValueError(f"--racnn-scales must be 2 or 3, got {self.scales}")
+
+
 @TASKS.register("racnn")
 class RACNNTask(Task):
     """RA-CNN on any CNN backbone (2 or 3 scales).
@@ -84,6 +98,7 @@ class RACNNTask(Task):
     """
 
     name = "racnn"
+    Options = RACNNOptions
 
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0, scales: int = 3,
                  shared_backbone: bool = True, margin: float = 0.05, rank_weight: float = 1.0,
@@ -102,11 +117,6 @@ class RACNNTask(Task):
         self.scales, self.margin, self.rank_weight, self.sharpness = scales, margin, rank_weight, sharpness
         self.args = {"scales": scales, "shared_backbone": shared_backbone, "margin": margin, "rank_weight": rank_weight,
                      "sharpness": sharpness, "min_side": min_side, "label_smoothing": label_smoothing}
-
-    @classmethod
-    def config_args(cls, cfg, preprocessing):
-        m = cfg.model
-        return {"scales": m.racnn_scales, "shared_backbone": m.racnn_shared_backbone, "margin": m.racnn_margin}
 
     def backbone(self, scale: int) -> nn.Module:
         return self.model if scale == 0 or not len(self.extra_backbones) else self.extra_backbones[scale - 1]

@@ -10,11 +10,13 @@ token, ``blocks`` of standard ``Attention``); other backbones are refused.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finegrain.tasks.base import TASKS, Task
+from finegrain.tasks.base import TASKS, Task, TaskOptions, option
 from finegrain.tasks.supervised import soft_cross_entropy
 
 _VIT_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
@@ -46,6 +48,17 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, margin: float
     return loss.sum() / labels.shape[0] ** 2
 
 
+@dataclass
+class TransFGOptions(TaskOptions):
+    contrastive_weight: float = option(1.0, "weight of the contrastive loss on the class token (0 turns it off)",
+                                       flag="transfg-contrastive-weight")
+    margin: float = option(0.4, "cosine margin of the contrastive loss for pairs of different classes", flag="transfg-margin")
+
+    def check(self) -> None:
+        if self.contrastive_weight < 0:
+            raise ValueError(f"--transfg-contrastive-weight must be >= 0, got {self.contrastive_weight}")
+
+
 @TASKS.register("transfg")
 class TransFGTask(Task):
     """A ViT whose last layer sees only the class token(s) and one selected part token per head.
@@ -56,6 +69,7 @@ class TransFGTask(Task):
     """
 
     name = "transfg"
+    Options = TransFGOptions
 
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0,
                  contrastive_weight: float = 1.0, margin: float = 0.4):
@@ -69,11 +83,6 @@ class TransFGTask(Task):
                              "for CNN backbones use --task fgvc or --task wsdan")
         self.contrastive_weight, self.margin = contrastive_weight, margin
         self.args = {"contrastive_weight": contrastive_weight, "margin": margin, "label_smoothing": label_smoothing}
-
-    @classmethod
-    def config_args(cls, cfg, preprocessing):
-        m = cfg.model
-        return {"contrastive_weight": m.transfg_contrastive_weight, "margin": m.transfg_margin}
 
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normed tokens after the last layer [B, prefix + heads, C], selected indices [B, heads])``."""

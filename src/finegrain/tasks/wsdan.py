@@ -11,12 +11,14 @@ attention map. Defaults follow the authors' PyTorch code (GuYuc/WS-DAN.PyTorch).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from finegrain.models.pooling import signed_sqrt
-from finegrain.tasks.base import TASKS, Task
+from finegrain.tasks.base import TASKS, Task, TaskOptions, option
 from finegrain.tasks.fgvc import check_feature_map
 from finegrain.tasks.supervised import soft_cross_entropy
 
@@ -65,6 +67,15 @@ def attention_drop(images: torch.Tensor, maps: torch.Tensor, theta: torch.Tensor
     return images * keep.to(images.dtype)
 
 
+@dataclass
+class WSDANOptions(TaskOptions):
+    num_parts: int = option(32, "number of attention maps M", flag="wsdan-parts")
+
+    def check(self) -> None:
+        if self.num_parts < 1:
+            raise ValueError(f"--wsdan-parts must be at least 1, got {self.num_parts}")
+
+
 @TASKS.register("wsdan")
 class WSDANTask(Task):
     """WS-DAN on any CNN backbone's last feature map.
@@ -79,6 +90,7 @@ class WSDANTask(Task):
     """
 
     name = "wsdan"
+    Options = WSDANOptions
 
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0, num_parts: int = 32,
                  center_weight: float = 1.0, center_momentum: float = 0.05, crop_theta=(0.4, 0.6),
@@ -99,10 +111,6 @@ class WSDANTask(Task):
         self.args = {"num_parts": num_parts, "center_weight": center_weight, "center_momentum": center_momentum,
                      "crop_theta": list(crop_theta), "drop_theta": list(drop_theta), "drop": drop,
                      "eval_theta": eval_theta, "label_smoothing": label_smoothing}
-
-    @classmethod
-    def config_args(cls, cfg, preprocessing):
-        return {"num_parts": cfg.model.wsdan_parts}
 
     def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits, part features [B, M*C], attention maps [B, M, h, w])``."""

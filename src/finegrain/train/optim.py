@@ -8,6 +8,18 @@ import torch
 from torch import nn
 
 from finegrain.config import TrainConfig
+from finegrain.registry import Registry
+
+OPTIMIZERS: Registry = Registry("optimizer")
+"""``--optimizer`` names: each builds ``(param_groups, lr, cfg, **kw) -> Optimizer``. Info ``fused``:
+whether torch has a fused CUDA kernel for it."""
+
+OPTIMIZERS.add("sgd", lambda groups, lr, cfg, **kw: torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True, **kw),
+               fused=True)
+OPTIMIZERS.add("adamw", lambda groups, lr, cfg, **kw: torch.optim.AdamW(groups, lr=lr, **kw), fused=True)
+OPTIMIZERS.add("adam", lambda groups, lr, cfg, **kw: torch.optim.Adam(groups, lr=lr, **kw), fused=True)
+OPTIMIZERS.add("rmsprop", lambda groups, lr, cfg, **kw: torch.optim.RMSprop(groups, lr=lr, momentum=cfg.momentum, alpha=0.9,
+                                                                            eps=1e-3), fused=False)
 
 
 def param_groups(task: nn.Module, *, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict]:
@@ -37,17 +49,10 @@ def param_groups(task: nn.Module, *, lr: float, backbone_lr_mult: float, weight_
 
 
 def build_optimizer(task: nn.Module, cfg: TrainConfig, *, lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    """The ``cfg.optimizer`` optimizer over :func:`param_groups`; ``fused`` asks for the fused CUDA kernel where there is one."""
     groups = param_groups(task, lr=lr, backbone_lr_mult=cfg.backbone_lr_mult, weight_decay=cfg.weight_decay)
-    kw = {"fused": True} if fused else {}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True, **kw)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, **kw)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, **kw)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr, momentum=cfg.momentum, alpha=0.9, eps=1e-3)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    kw = {"fused": True} if fused and OPTIMIZERS.info(cfg.optimizer)["fused"] else {}
+    return OPTIMIZERS.get(cfg.optimizer)(groups, lr, cfg, **kw)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

@@ -14,7 +14,7 @@ The objective is the best validation top-1 (--val-fraction > 0); the test split 
 def add_commands(sub) -> None:
     import argparse
 
-    from finegrain.cli import add_config_flags
+    from finegrain.cli import add_run_flags
     from finegrain.config import DataConfig, ModelConfig, TrainConfig
 
     p = sub.add_parser("tune", help="hyperparameter search (Optuna) over any training flag, on validation top-1",
@@ -30,8 +30,7 @@ def add_commands(sub) -> None:
     p.add_argument("--study-seed", type=int, default=0, help="sampler seed (--seed stays the trials' training seed)")
     p.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
     p.add_argument("--config", help="YAML file with data/model/train sections (the base config); flags override it")
-    for kind, prefix in ((DataConfig, "data"), (ModelConfig, "model"), (TrainConfig, "train")):
-        add_config_flags(p, kind, prefix)
+    add_run_flags(p)
     p.set_defaults(func=_cmd_tune)
 
 

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig, cli_fields, option_flags, options_from_flags
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 KINDS = ("uniform", "loguniform", "int", "choice")
@@ -88,13 +88,13 @@ class Dimension:
 def _resolve_key(name: str) -> str:
     """``train.lr``, ``lr`` or ``--scale-min`` -> ``section.field`` (bare names must be unique)."""
     name = name.strip().lstrip("-").replace("-", "_")
-    all_keys = [f"{s}.{f.name}" for s, kind in SECTIONS.items() for f in dataclasses.fields(kind)]
+    all_keys = [f"{s}.{f.name}" for s, kind in SECTIONS.items() for f in cli_fields(kind)] + list(_option_keys())
     if "." in name:
         section, field = name.split(".", 1)
         if section not in SECTIONS:
             raise ValueError(f"unknown config section {section!r} in {name!r}; use data, model or train (e.g. train.lr)")
         if f"{section}.{field}" not in all_keys:
-            fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+            fields = [k.split(".", 1)[1] for k in all_keys if k.startswith(section + ".")]
             close = difflib.get_close_matches(field, fields, n=3)
             raise ValueError(f"{section} has no field {field!r}" + (f"; did you mean {', '.join(close)}?" if close else
                              f"; its fields are {', '.join(fields)}"))
@@ -109,9 +109,19 @@ def _resolve_key(name: str) -> str:
                      "; write section.field, e.g. train.lr or data.scale_min"))
 
 
+def _option_keys() -> dict[str, tuple[type, str]]:
+    """Task options as ``model.<flag_name>`` keys (``model.attention``, ``model.wsdan_parts``): ``{key: (Options class, field)}``."""
+    from finegrain.tasks import TASKS
+
+    return {f"model.{flag.replace('-', '_')}": (TASKS.get(owners[0][0]).Options, owners[0][1].name)
+            for flag, owners in option_flags().items()}
+
+
 def _field_type(key: str):
     section, field = key.split(".", 1)
-    hint = typing.get_type_hints(SECTIONS[section])[field]
+    options = _option_keys()
+    kind, field = options[key] if key in options else (SECTIONS[section], field)
+    hint = typing.get_type_hints(kind)[field]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)
     base = args[0] if args else hint
@@ -233,9 +243,14 @@ def grid_size(dims: list[Dimension]) -> int:
 def apply(cfg: RunConfig, params: dict[str, Any]) -> RunConfig:
     """A copy of ``cfg`` with ``{"section.field": value}`` set."""
     d = cfg.to_dict()
+    options = _option_keys()
     for key, value in params.items():
-        section, field = key.split(".", 1)
-        d[section][field] = value
+        if key not in options:
+            section, field = key.split(".", 1)
+            d[section][field] = value
+    given = {key.split(".", 1)[1]: value for key, value in params.items() if key in options}
+    if given:  # task options, for the task the other params leave
+        d["model"]["options"] = {**(d["model"].get("options") or {}), **options_from_flags(d["model"]["task"], given)}
     return RunConfig.from_dict(d)
 
 

@@ -372,13 +372,15 @@ def match_onnx_tensors(onnx_path: str | Path, site_tensors: dict[str, torch.Tens
 # --------------------------------------------------------------------------------- end to end
 
 
-def qat_finetune(task: nn.Module, meta: dict, data: str | Path, *, epochs: int = 1, lr: float = 5e-5,
+def qat_finetune(task: nn.Module, meta, data: str | Path, *, epochs: int = 1, lr: float = 5e-5,
                  batch_size: int = 32, workers: int = 1, calib_images: int = 64, device: str | torch.device = "cpu",
-                 max_train_images: int | None = None, seed: int = 0) -> tuple[QatModel, list[dict]]:
+                 max_train_images: int | None = None, seed: int = 0, run_dir: str | Path | None = None,
+                 resume: bool = False, source: str | Path = "") -> tuple[QatModel, list[dict]]:
     """Prepare ``task`` for QAT, calibrate its ranges and fine-tune it on ``data``'s train split.
 
-    Training goes through the shared ``train_one_epoch`` (AdamW, cosine schedule, no weight decay
-    on the already-trained weights).
+    Training goes through the one trainer (:func:`finegrain.train.finetune.finetune`: AdamW,
+    cosine schedule, no weight decay on the already-trained weights) in ``run_dir``, so an
+    interrupted QAT fine-tune resumes (``resume=True``; calibration is then restored, not redone).
 
     Args:
         task: a trained task (modified in place).
@@ -390,22 +392,22 @@ def qat_finetune(task: nn.Module, meta: dict, data: str | Path, *, epochs: int =
         calib_images: training images (eval transform) used to initialise the activation ranges.
         device: training device.
         max_train_images: train on a seeded subset of this many images (a time budget).
-        seed: subset and shuffling seed.
+        seed: subset, order and augmentation seed.
+        run_dir: the fine-tune's run folder (needed when ``epochs > 0``).
+        resume: continue the interrupted fine-tune in ``run_dir``.
+        source: the checkpoint ``task`` came from (recorded in the run's lineage).
 
     Returns:
-        ``(qat_model, history)``: the prepared model (fake quantization on) and one
-        ``train_one_epoch`` record per epoch.
+        ``(qat_model, history)``: the prepared model (fake quantization on) and one row per epoch.
     """
-    from torch.utils.data import DataLoader
-
-    from finegrain.data.datasets import open_dataset
-    from finegrain.data.loader import ImageDataset, collate
-    from finegrain.data.transforms import eval_transform, train_transform
-    from finegrain.train.loop import train_one_epoch
-    from finegrain.utils import console
+    from finegrain import checkpoint as ckpt
+    from finegrain.data.base import open_dataset
+    from finegrain.train.finetune import finetune
 
     if epochs < 0 or calib_images < 1:
         raise ValueError(f"--epochs must be >= 0 and --calib-images >= 1, got {epochs} and {calib_images}")
+    if epochs > 0 and run_dir is None:
+        raise ValueError("a QAT fine-tune needs a run folder (run_dir) for its checkpoints")
     dev = torch.device(device)
     images = open_dataset(data, "train")
     if images.classes != meta["classes"]:
@@ -414,42 +416,44 @@ def qat_finetune(task: nn.Module, meta: dict, data: str | Path, *, epochs: int =
     if max_train_images is not None and max_train_images < len(images):
         images = images.subset(sorted(rng.choice(len(images), max_train_images, replace=False).tolist()))
     prep = meta["preprocessing"]
-    task = task.to(dev)
-    qat = QatModel(task, img_size=prep["img_size"]).to(dev)
-    # ranges: plain min/max over calibration images, like static PTQ, before any training
+    qat = QatModel(task.to(dev), img_size=prep["img_size"]).to(dev)
+    calib_idx = sorted(rng.choice(len(images), min(calib_images, len(images)), replace=False).tolist())
+    if not resume:  # a resumed fine-tune restores the ranges with the rest of the state
+        _calibrate(qat, images.subset(calib_idx), prep, batch_size=batch_size, workers=workers, device=dev)
+    qat.set_mode(calibrating=False, enabled=True)
+    if epochs == 0:
+        return qat.eval(), []
+    # last.safetensors of this run holds the QatModel (fake-quant parametrizations): it is resume state, not a task checkpoint
+    run_meta = ckpt.derive(meta, "qat-training", source, details={"weights": "QatModel (resume state only)"})
+    r = finetune(qat, images, prep, Path(run_dir), run_meta, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers,
+                 device=dev, seed=seed, amp=False, resume=resume, save_best=False, label="QAT epoch")
+    if r.interrupted:
+        raise KeyboardInterrupt(f"QAT fine-tune interrupted; continue it with --resume (run folder {run_dir})")
+    return qat.eval(), r.history
+
+
+def _calibrate(qat: QatModel, images, prep: dict, *, batch_size: int, workers: int, device: torch.device) -> None:
+    """Activation ranges: plain min/max over calibration images (eval transform), like static PTQ, before any training."""
+    from torch.utils.data import DataLoader
+
+    from finegrain.data.dataset import ImageDataset, collate
+    from finegrain.data.transforms import eval_transform
+
     t_eval = eval_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], crop_pct=prep["crop_pct"],
                             interpolation=prep["interpolation"])
-    calib_idx = sorted(rng.choice(len(images), min(calib_images, len(images)), replace=False).tolist())
-    calib = DataLoader(ImageDataset(images.subset(calib_idx), t_eval), batch_size=batch_size, num_workers=workers,
-                       collate_fn=collate)
+    calib = DataLoader(ImageDataset(images, t_eval), batch_size=batch_size, num_workers=workers, collate_fn=collate)
     qat.eval()
     qat.set_mode(calibrating=True, enabled=False)
     with torch.no_grad():
         for batch in calib:
             if batch["image"] is not None:
-                qat.predict(batch["image"].to(dev))
-    qat.set_mode(calibrating=False, enabled=True)
-    history: list[dict] = []
-    if epochs > 0:
-        t_train = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
-        gen = torch.Generator().manual_seed(seed)
-        loader = DataLoader(ImageDataset(images, t_train), batch_size=batch_size, shuffle=True, num_workers=workers,
-                            collate_fn=collate, drop_last=len(images) > batch_size, generator=gen)
-        params = [p for p in qat.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
-        for epoch in range(epochs):
-            r = train_one_epoch(qat, loader, opt, sched, device=dev, amp=False)
-            r.pop("skipped")
-            history.append(r)
-            console.print(f"QAT epoch {epoch + 1}/{epochs}: loss {r['loss']:.3f} acc {r['acc']:.1f}% "
-                          f"({r['images_per_s']:.1f} img/s)")
-    return qat.eval(), history
+                qat.predict(batch["image"].to(device))
 
 
 def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *, epochs: int = 1, lr: float = 5e-5,
                    batch_size: int = 32, workers: int = 1, calib_images: int = 64, verify_images: int = 32,
-                   max_train_images: int | None = None, device: str = "auto", opset: int = 18) -> dict[str, Any]:
+                   max_train_images: int | None = None, device: str = "auto", opset: int = 18,
+                   resume: bool = False) -> dict[str, Any]:
     """QAT-fine-tune a checkpoint and write an INT8 ONNX model whose activation scales are the QAT ones.
 
     Writes ``out`` (INT8 QDQ ONNX), ``<stem>.fp32.onnx`` (the fine-tuned float model it was
@@ -467,7 +471,8 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     from finegrain.deploy.onnx import (OnnxModel, _set_metadata, compare_logits, export_metadata, export_onnx, load_batch,
                                        quantize_int8, sample_images)
     from finegrain.predict import Predictor
-    from finegrain.train.checkpoint import resolve_checkpoint, save_checkpoint
+    from finegrain import checkpoint as ckpt_io
+    from finegrain.checkpoint import resolve_checkpoint
     from finegrain.utils import resolve_device
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -486,8 +491,15 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     task = copy.deepcopy(original.task)
     meta = original.meta
     start = time.perf_counter()
+    run_dir = out.with_name(stem + ".qat-finetune")
+    if epochs > 0:
+        from finegrain.train.finetune import open_job
+
+        resume = open_job(run_dir, {"checkpoint": str(ckpt), "data": str(data), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                    "calib_images": calib_images, "max_train_images": max_train_images}, resume=resume)
     qat, history = qat_finetune(task, meta, data, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers,
-                                calib_images=calib_images, device=dev, max_train_images=max_train_images)
+                                calib_images=calib_images, device=dev, max_train_images=max_train_images, run_dir=run_dir,
+                                resume=resume, source=ckpt)
     train_seconds = time.perf_counter() - start
     qat = qat.to("cpu").eval()
     verify_root = Path(data) / "test" if (Path(data) / "test").is_dir() else Path(data) / "train"
@@ -501,9 +513,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     qat_meta = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_train_images": max_train_images,
                 "calib_images": calib_images, "activation_qparams": {k: list(v) for k, v in params_by_site.items()},
                 "weights": "per-channel symmetric int8 [-127, 127]", "activations": "per-tensor asymmetric uint8"}
-    new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "versions")}
-    new_meta.update({"qat": qat_meta, "metrics": {}, "source_checkpoint": str(ckpt)})
-    save_checkpoint(ckpt_path, tuned.state_dict(), new_meta)
+    ckpt_io.save(ckpt_path, tuned.state_dict(), ckpt_io.derive(meta, "qat", ckpt, details={"epochs": epochs, "lr": lr}, qat=qat_meta))
     export_onnx(tuned, meta, fp32_path, opset=opset, source=ckpt)
 
     def overrides(prepared: Path):

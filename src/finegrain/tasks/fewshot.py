@@ -19,6 +19,7 @@ loop's accuracy counts them) and the loss over the queries only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,11 +27,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from finegrain.fewshot import backbones  # noqa: F401  (registers conv4 with timm)
-from finegrain.registry import Registry
-from finegrain.tasks.base import TASKS, Task
+from finegrain.models import conv4  # noqa: F401  (registers conv4 with timm)
+from finegrain.registry import close_matches
+from finegrain.tasks.base import TASKS, Task, TaskOptions, option
 
-METHODS: Registry[type["EpisodicTask"]] = Registry("few-shot method")
+
+def fewshot_methods() -> dict[str, type["EpisodicTask"]]:
+    """The few-shot methods by their ``--method`` name: the registered tasks that derive from :class:`EpisodicTask`."""
+    found = {}
+    for name in TASKS.names():
+        cls = TASKS.get(name)
+        if isinstance(cls, type) and issubclass(cls, EpisodicTask):
+            found[cls.method] = cls
+    return found
+
+
+def fewshot_method(name: str) -> type["EpisodicTask"]:
+    """The task class of few-shot method ``name`` (``ValueError`` naming the methods otherwise)."""
+    methods = fewshot_methods()
+    if name not in methods:
+        hint = close_matches(name, list(methods))
+        raise ValueError(f"unknown few-shot method {name!r}; available: {', '.join(sorted(methods))}"
+                         + (f". Did you mean {' or '.join(map(repr, hint))}?" if hint else ""))
+    return methods[name]
 
 
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -60,6 +79,7 @@ class EpisodicTask(Task):
 
     method = "base"
     episodic = True  # trained on episodes (False: on ordinary batches)
+    trainer = "episodic"
 
     def __init__(self, model: nn.Module, num_classes: int, *, n_way: int = 5, k_shot: int = 1, label_smoothing: float = 0.0):
         super().__init__(model, num_classes, label_smoothing=label_smoothing)
@@ -98,7 +118,6 @@ class EpisodicTask(Task):
 
 
 @TASKS.register("protonet")
-@METHODS.register("protonet")
 class ProtoNetTask(EpisodicTask):
     """Logits are negative squared Euclidean distances to the class-mean prototypes."""
 
@@ -127,8 +146,17 @@ class _RelationModule(nn.Module):
         return torch.sigmoid(self.score(self.body(pairs))).squeeze(-1)
 
 
+@dataclass
+class RelationNetOptions(TaskOptions):
+    relation: str = option("pooled", "RelationNet: compare pooled embeddings or feature maps (pooled, maps)", flag="relation")
+    hidden: int = option(8, "RelationNet: width of the relation module's hidden layer", flag="relation-hidden")
+
+    def check(self) -> None:
+        if self.relation not in ("maps", "pooled"):
+            raise ValueError(f"--relation must be maps or pooled, got {self.relation!r}")
+
+
 @TASKS.register("relationnet")
-@METHODS.register("relationnet")
 class RelationNetTask(EpisodicTask):
     """A learned relation module scores (prototype, query) pairs; MSE to the one-hot target.
 
@@ -139,6 +167,7 @@ class RelationNetTask(EpisodicTask):
     """
 
     name = method = "relationnet"
+    Options = RelationNetOptions
 
     def __init__(self, model, num_classes, *, n_way=5, k_shot=1, relation: str = "pooled", hidden: int = 8, label_smoothing=0.0):
         super().__init__(model, num_classes, n_way=n_way, k_shot=k_shot, label_smoothing=label_smoothing)
@@ -201,8 +230,15 @@ def maml_adapt(
     return params
 
 
+@dataclass
+class MAMLOptions(TaskOptions):
+    inner_steps: int = option(5, "MAML: inner steps while training", flag="inner-steps")
+    eval_steps: int = option(10, "MAML: inner steps at evaluation", flag="eval-steps")
+    inner_lr: float = option(0.01, "MAML: inner learning rate", flag="inner-lr")
+    first_order: bool = option(False, "MAML: first-order approximation", flag="first-order")
+
+
 @TASKS.register("maml")
-@METHODS.register("maml")
 class MAMLTask(EpisodicTask):
     """Adapt the whole network (classifier of ``n_way`` outputs included) on the support set.
 
@@ -214,6 +250,7 @@ class MAMLTask(EpisodicTask):
     """
 
     name = method = "maml"
+    Options = MAMLOptions
 
     def __init__(self, model, num_classes, *, n_way=5, k_shot=1, inner_steps: int = 5, eval_steps: int = 10,
                  inner_lr: float = 0.01, first_order: bool = False, label_smoothing=0.0):
@@ -300,8 +337,18 @@ class _Head(nn.Module):
         return self.fn(x)
 
 
+@dataclass
+class BaselineOptions(TaskOptions):
+    head: str = option("linear", "baseline: classifier fine-tuned on the support set (linear, cosine)", flag="head")
+    steps: int = option(100, "baseline: fine-tuning steps per episode", flag="finetune-steps")
+    lr: float = option(0.01, "baseline: fine-tuning learning rate", flag="finetune-lr")
+
+    def check(self) -> None:
+        if self.head not in ("linear", "cosine"):
+            raise ValueError(f"--head must be linear or cosine, got {self.head!r}")
+
+
 @TASKS.register("fewshot_baseline")
-@METHODS.register("baseline")
 class BaselineTask(EpisodicTask):
     """Frozen (pretrained or supervised) embeddings + a classifier fine-tuned on each support set.
 
@@ -313,6 +360,7 @@ class BaselineTask(EpisodicTask):
 
     name = "fewshot_baseline"
     method = "baseline"
+    Options = BaselineOptions
     episodic = False  # trained on ordinary batches of the base classes, evaluated on episodes
 
     def __init__(self, model, num_classes, *, n_way=5, k_shot=1, head: str = "linear", steps: int = 100,
@@ -339,7 +387,7 @@ class BaselineTask(EpisodicTask):
 
 def build_method(name: str, model: nn.Module, *, n_way: int, k_shot: int, **kwargs: Any) -> EpisodicTask:
     """Wrap ``model`` in few-shot method ``name``; the classifier is reset to what the method needs."""
-    cls = METHODS.get(name)
+    cls = fewshot_method(name)
     n_out = cls.head_classes(n_way)
     if hasattr(model, "reset_classifier") and getattr(model, "num_classes", None) != n_out:
         model.reset_classifier(n_out)

@@ -1,0 +1,306 @@
+"""The one epoch driver: epochs, validation, best/last checkpoints, resume, DDP, Ctrl-C, logging, callbacks.
+
+Every training in finegrain goes through :class:`Trainer`: supervised ``fit`` (and distillation,
+which is a task), episodic few-shot training, and the fine-tunes after pruning and for QAT. A
+caller describes its training as a :class:`TrainSetup` (the module, its optimizer, how to get an
+epoch's batches, how to validate and which validation metric selects the best epoch) and the
+trainer does the rest the same way for all of them:
+
+- ``last.safetensors`` (the trained module's weights and metadata) and ``last.state.pt``
+  (optimizer, scheduler, EMA, RNG, best-so-far) after every epoch and on Ctrl-C, so any run
+  resumes exactly, part-way through an epoch included;
+- ``best.safetensors``: the inference form of the epoch with the best selection metric (the
+  last epoch when there is no validation);
+- ``metrics.jsonl`` (+ TensorBoard / W&B through a :class:`~finegrain.train.logger.RunLogger`),
+  ``skipped_images.txt``; early stopping and per-epoch callbacks (tune's pruning).
+
+In a distributed run only rank 0 writes; training metrics are summed across ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from finegrain import checkpoint as ckpt
+from finegrain.train import distributed as dist_
+from finegrain.train.distributed import World
+from finegrain.train.loop import train_one_epoch
+from finegrain.utils import console, progress_bar
+
+
+@dataclass
+class StepConfig:
+    """How batches become optimizer steps (see :func:`finegrain.train.loop.train_one_epoch`)."""
+
+    accum_steps: int = 1
+    clip_grad: float = 0.0
+    amp: bool = True
+    channels_last: bool = False
+    normalize: tuple | None = None
+
+
+@dataclass
+class TrainSetup:
+    """What one training is: everything the trainer needs from its caller.
+
+    Attributes:
+        module: the trained module (a Task, or a wrapper such as QAT's); ``last.safetensors``
+            holds its ``state_dict``.
+        optimizer, scheduler: stepped once per optimizer step.
+        batches: ``(epoch, start_step) -> iterable of batches`` for the rest of that epoch; the
+            order must depend only on the seed and the epoch, so that a resumed run sees what an
+            uninterrupted one would.
+        epoch_images: ``(epoch, start_step) -> images`` this rank will see (the progress bar).
+        validate: ``module -> {metric: value}`` (on every rank), or None for no validation.
+        metric: the validation metric that selects ``best.safetensors`` (higher is better).
+        forward: what the loop calls instead of ``module`` (DDP / compiled wrappers).
+        on_epoch_start: called with the epoch index before its batches are drawn.
+    """
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: Callable[[int, int], Iterable]
+    epoch_images: Callable[[int, int], int]
+    validate: Callable[[nn.Module], dict] | None = None
+    metric: str = "val_top1"
+    forward: Callable | None = None
+    mixer: Any = None
+    ema: Any = None
+    step: StepConfig = field(default_factory=StepConfig)
+    on_epoch_start: Callable[[int], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.run` returns."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    best_epoch: int
+    best_metric: float | None
+    epochs_run: int
+    stopped_early: bool
+    interrupted: bool
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Progress:
+    """Where the run is; saved in ``last.state.pt``."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+
+class Trainer:
+    """Runs a :class:`TrainSetup` for ``epochs`` epochs in ``run_dir``.
+
+    Args:
+        run_dir: the run folder (made by the caller).
+        epochs: total epochs of the run.
+        meta: the checkpoint metadata of the trained module; epoch, step and metrics are filled in.
+        device: where the module is.
+        seed: seeds each epoch's RNG (augmentation on the device, dropout, mixing).
+        world: this process's place in a distributed run.
+        patience: stop after this many epochs without improvement of ``setup.metric`` (0: never).
+        callbacks: each called with every epoch's row once its checkpoints are saved; an
+            exception one raises (``optuna.TrialPruned``) ends training and propagates.
+        logger: where rows go (``metrics.jsonl``...); None on ranks other than 0.
+        save_best: write ``best.safetensors`` (off where the best form is made afterwards, QAT).
+        label: what the progress bar calls an epoch.
+    """
+
+    def __init__(self, run_dir: Path, *, epochs: int, meta: ckpt.CheckpointMeta, device: torch.device, seed: int = 0,
+                 world: World = World(), patience: int = 0, callbacks: Sequence[Callable[[dict], None]] = (),
+                 logger=None, save_best: bool = True, label: str = "epoch"):
+        self.run_dir, self.epochs, self.meta, self.device, self.seed = Path(run_dir), epochs, meta, device, seed
+        self.world, self.patience, self.callbacks, self.logger = world, patience, list(callbacks), logger
+        self.save_best, self.label = save_best, label
+        self.skipped: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, setup: TrainSetup, *, resume: bool = False, max_epochs: int | None = None) -> TrainResult:
+        """Train (or continue, with ``resume``) until ``epochs``, early stopping, Ctrl-C or ``max_epochs`` in this call."""
+        at = self._restore(setup) if resume else _Progress()
+        start_epoch, history = at.epoch, []
+        interrupted = stopped_early = False
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            while at.epoch < self.epochs:
+                row = self._epoch(setup, at)
+                history.append(row)
+                if self._end_epoch(setup, at, row):
+                    stopped_early = True
+                    break
+                if max_epochs is not None and at.epoch - start_epoch >= max_epochs:
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the save
+            self._save_last(setup, at, {"interrupted": True})
+            if self.world.is_main:
+                console.print(f"[yellow]interrupted: saved a resumable checkpoint in {self.run_dir}; continue with --resume")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        dist_.barrier(self.world)  # the others wait for rank 0's last checkpoint before anyone returns
+        self._report_skipped(final=True)
+        return TrainResult(self.run_dir, self.run_dir / "best.safetensors", at.best_epoch, at.best, at.epoch,
+                           stopped_early, interrupted, history)
+
+    def _epoch(self, setup: TrainSetup, at: _Progress) -> dict:
+        """Train one epoch (from ``at.step``) and validate; return its row. ``at.step`` counts finished steps."""
+        epoch = at.epoch
+        if at.step == 0:  # a resumed epoch continues from the RNG state saved part-way through it
+            torch.manual_seed(self.seed * 7919 + epoch)
+        if setup.on_epoch_start is not None:
+            setup.on_epoch_start(epoch)
+        loader = setup.batches(epoch, at.step)
+        with progress_bar(f"{self.label} {epoch + 1}/{self.epochs}", total=setup.epoch_images(epoch, at.step),
+                          enabled=None if self.world.is_main else False) as bar:
+            def on_step(n, acc, _bar=bar):
+                at.step += 1
+                if at.step % 5 == 0 and _bar.progress is not None:  # .item() syncs: only for a visible bar
+                    _bar.advance(n, loss=(acc["loss"] / acc["seen"]).item(), acc=100 * acc["correct"].item() / acc["seen"])
+                else:
+                    _bar.advance(n)
+
+            s = setup.step
+            tr = train_one_epoch(setup.module, loader, setup.optimizer, setup.scheduler, device=self.device,
+                                 forward=setup.forward, mixer=setup.mixer, accum_steps=s.accum_steps, clip_grad=s.clip_grad,
+                                 ema=setup.ema, amp=s.amp, channels_last=s.channels_last, normalize=s.normalize,
+                                 on_step=on_step)
+        tr = _reduce_train(self.world, tr, self.device)
+        for path, err in tr.pop("skipped"):
+            self.skipped[path] = err
+        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
+               "lr": setup.optimizer.param_groups[-1]["lr"], "images_per_s": tr["images_per_s"],
+               "epoch_seconds": tr["seconds"], "skipped_images": len(self.skipped)}
+        if setup.validate is not None:
+            row.update(setup.validate(self._eval_module(setup)))
+        at.epoch, at.step = epoch + 1, 0
+        return row
+
+    def _end_epoch(self, setup: TrainSetup, at: _Progress, row: dict) -> bool:
+        """Log the row, save best/last, run the callbacks; return whether early stopping ends the run."""
+        if self.logger is not None:
+            self.logger.log(row)
+            print_epoch(row, setup.metric)
+        value = row.get(setup.metric) if setup.validate is not None else None
+        improved = setup.validate is None or at.best is None or value > at.best
+        if improved:
+            at.best, at.best_epoch, at.bad_epochs = value, at.epoch, 0
+            if self.save_best and self.world.is_main:
+                best_meta, weights = ckpt.inference_meta(self._eval_module(setup), self.meta, epoch=at.epoch, step=0, metrics=row)
+                ckpt.save(self.run_dir / "best.safetensors", weights, best_meta)
+        else:
+            at.bad_epochs += 1
+        self._save_last(setup, at, row)
+        self._report_skipped()
+        for callback in self.callbacks:
+            callback(dict(row))
+        if self.patience and at.bad_epochs >= self.patience:
+            console.print(f"early stop: no validation improvement for {at.bad_epochs} epochs")
+            return True
+        return False
+
+    @staticmethod
+    def _eval_module(setup: TrainSetup) -> nn.Module:
+        return setup.ema.module if setup.ema is not None else setup.module
+
+    # ------------------------------------------------------------------ saving and resuming
+
+    def _save_last(self, setup: TrainSetup, at: _Progress, metrics: dict) -> None:
+        if not self.world.is_main:
+            return
+        # State first, weights second: a crash between the two leaves an epoch mismatch that resume detects.
+        ckpt.save_train_state(self.run_dir / "last.state.pt", {
+            "epoch": at.epoch, "step": at.step, "optimizer": setup.optimizer.state_dict(),
+            "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
+            "ema": setup.ema.state_dict() if setup.ema is not None else None, "rng": _rng_state(),
+            "best_top1": at.best, "best_epoch": at.best_epoch, "bad_epochs": at.bad_epochs,
+        })
+        meta = dataclasses.replace(self.meta, epoch=at.epoch, step=at.step, metrics=metrics)
+        ckpt.save(self.run_dir / "last.safetensors", setup.module.state_dict(), meta)
+
+    def _restore(self, setup: TrainSetup) -> _Progress:
+        sd, meta = ckpt.load(self.run_dir / "last.safetensors")
+        state = ckpt.load_train_state(self.run_dir / "last.state.pt")
+        if state["epoch"] != meta.epoch or state.get("step", 0) != meta.step:
+            raise ValueError(f"{self.run_dir}: last.safetensors and last.state.pt are from different epochs; cannot resume exactly")
+        setup.module.load_state_dict(sd)
+        setup.optimizer.load_state_dict(state["optimizer"])
+        if setup.scheduler is not None and state.get("scheduler") is not None:
+            setup.scheduler.load_state_dict(state["scheduler"])
+        if setup.ema is not None and state.get("ema") is not None:
+            setup.ema.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"])
+        at = _Progress(state["epoch"], state.get("step", 0), state["best_top1"], state["best_epoch"], state["bad_epochs"])
+        if self.world.is_main:
+            console.print(f"resuming {self.run_dir} at {self.label} {at.epoch + 1}" + (f", step {at.step}" if at.step else ""))
+        return at
+
+    def _report_skipped(self, final: bool = False) -> None:
+        if not self.skipped or not self.world.is_main:
+            return
+        (self.run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{e}\n" for p, e in sorted(self.skipped.items())))
+        if final:
+            console.print(f"[yellow]{len(self.skipped)} unreadable images were skipped; list in {self.run_dir / 'skipped_images.txt'}")
+
+
+def print_epoch(row: dict, metric: str = "val_top1") -> None:
+    """One line per epoch: training loss and accuracy, validation numbers, speed."""
+    msg = f"epoch {row['epoch']}: loss {row['train_loss']:.3f} train acc {row['train_acc']:.1f}%"
+    if "val_loss" in row:
+        msg += f" | val loss {row['val_loss']:.3f}"
+    if metric in row:
+        name = "val top-1" if metric == "val_top1" else metric.replace("_", " ")
+        msg += f" {name} {row[metric]:.2f}%" + (f" +- {row['val_ci95']:.2f}" if "val_ci95" in row else "")
+    console.print(msg + f" | {row['images_per_s']:.1f} img/s")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _reduce_train(world: World, tr: dict, device: torch.device) -> dict:
+    """Training metrics of all ranks together (every rank gets the same numbers)."""
+    if not world.distributed:
+        return tr
+    import torch.distributed as dist
+
+    loss, correct, n = dist_.all_reduce_sums(world, [tr["loss"] * tr["images"], tr["acc"] * tr["images"], tr["images"]], device)
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, tr["skipped"])
+    return {**tr, "loss": loss / max(n, 1), "acc": correct / max(n, 1), "images": int(n),
+            "images_per_s": n / max(tr["seconds"], 1e-9), "skipped": [s for part in gathered for s in part]}

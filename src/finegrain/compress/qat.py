@@ -207,7 +207,8 @@ class QatModel(nn.Module):
         self.task = task
         model = task.model
         device = next(task.parameters()).device
-        example = torch.randn(2, 3, img_size, img_size, device=device)
+        # a fixed probe input: the same task always gets the same quantization sites
+        example = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
         self._frozen = fold_batchnorm(model, example)
         self.quantizers = nn.ModuleDict()
         self._hooks: list = []
@@ -242,6 +243,10 @@ class QatModel(nn.Module):
                 h.remove()
         for m in needs_input:
             self._add_site(f"{names[m]}:in", m, output=False, momentum=momentum)
+        for fq in self._sites.values():  # the probe passes above must not count as observed data
+            fq.min_val.zero_()
+            fq.max_val.zero_()
+            fq.seen.zero_()
 
     def _add_site(self, name: str, module: nn.Module, *, output: bool, momentum: float) -> None:
         fq = ActivationFakeQuant(momentum)

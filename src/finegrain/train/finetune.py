@@ -60,6 +60,7 @@ def finetune(module: nn.Module, images: ImageList, prep: dict, run_dir: Path, me
     every epoch's order and each image's augmentation come from ``seed``, so a resumed
     fine-tune matches an uninterrupted one.
     """
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     t = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
     data = SeededItems(ImageDataset(images, t), seed)
     n = len(images)

@@ -1,0 +1,130 @@
+"""The one trainer: every caller (fit, few-shot, prune and QAT fine-tunes) resumes exactly after Ctrl-C.
+
+Each test interrupts a run part-way through an epoch (a KeyboardInterrupt raised right after an
+optimizer step, as a Ctrl-C between two batches would), resumes it, and checks that the final
+weights and buffers equal those of the same run left uninterrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from ..conftest import make_image_folder, tiny_config
+
+
+def interrupt_after(monkeypatch, *, epoch_call: int, steps: int) -> None:
+    """Make the ``epoch_call``-th epoch of the next trainer run stop with Ctrl-C after ``steps`` optimizer steps."""
+    import finegrain.train.trainer as trainer
+
+    real = trainer.train_one_epoch
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) != epoch_call:
+            return real(*args, **kwargs)
+        on_step, done = kwargs["on_step"], []
+
+        def stop_after(n, acc):
+            on_step(n, acc)
+            done.append(1)
+            if len(done) == steps:
+                raise KeyboardInterrupt
+
+        return real(*args, **{**kwargs, "on_step": stop_after})
+
+    monkeypatch.setattr(trainer, "train_one_epoch", wrapped)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def _weights(path):
+    from finegrain.checkpoint import load
+
+    return load(path)[0]
+
+
+def test_fit_resumes_bit_exact_from_the_middle_of_an_epoch(image_folder, tmp_path, monkeypatch):
+    from finegrain.train.run import fit
+
+    full = fit(tiny_config(image_folder, tmp_path / "a", epochs=2, ema=True))
+    interrupt_after(monkeypatch, epoch_call=2, steps=1)  # second epoch, after its first step
+    cfg = tiny_config(image_folder, tmp_path / "b", epochs=2, ema=True)
+    first = fit(cfg)
+    assert first.interrupted
+    state = torch.load(first.run_dir / "last.state.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 1)
+    monkeypatch.undo()
+    cfg.train.resume = str(first.run_dir)
+    resumed = fit(cfg)
+    assert not resumed.interrupted and resumed.epochs_run == 2
+    assert_same_state(_weights(full.run_dir / "last.safetensors"), _weights(resumed.run_dir / "last.safetensors"))
+    assert_same_state(_weights(full.run_dir / "best.safetensors"), _weights(resumed.run_dir / "best.safetensors"))
+    rows = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    full_rows = [json.loads(line) for line in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["val_loss"] == full_rows[-1]["val_loss"]
+
+
+@pytest.mark.parametrize("method,extra", [("protonet", {}), ("baseline", {"batch_size": 4, "method_args": {"steps": 3}})])
+def test_fewshot_training_resumes_exactly(tmp_path, monkeypatch, method, extra):
+    from finegrain.fewshot.run import fit_episodic
+
+    from ..test_fewshot import _colour_folder
+
+    data = _colour_folder(tmp_path / "data")
+    kw = dict(method=method, n_way=2, k_shot=1, q_query=2, episodes=3, epochs=2, val_episodes=2, img_size=32, device="cpu",
+              split_fractions=(0.34, 0.33, 0.33), **extra)
+    full = fit_episodic(data, out=tmp_path / "a", **kw)
+    interrupt_after(monkeypatch, epoch_call=1, steps=1)
+    first = fit_episodic(data, out=tmp_path / "b", **kw)
+    assert first["interrupted"]
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit_episodic(data, out=tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match="other arguments.*episodes"):
+        fit_episodic(data, out=tmp_path / "b", resume=True, **{**kw, "episodes": 4})
+    resumed = fit_episodic(data, out=tmp_path / "b", resume=True, **kw)
+    assert not resumed["interrupted"] and resumed["epochs"] == 2
+    assert_same_state(_weights(tmp_path / "a" / "last.safetensors"), _weights(tmp_path / "b" / "last.safetensors"))
+    assert resumed["best_val_acc"] == full["best_val_acc"]
+
+
+def test_pruned_fine_tune_resumes_exactly(trained_run, tmp_path, monkeypatch):
+    pytest.importorskip("torch_pruning")
+    from finegrain.compress.prune import prune_checkpoint
+
+    result, data = trained_run
+    kw = dict(ratio=0.5, data=str(data), epochs=2, batch_size=8, workers=0, device="cpu")
+    prune_checkpoint(result.best_checkpoint, tmp_path / "full.safetensors", **kw)
+    interrupt_after(monkeypatch, epoch_call=2, steps=1)
+    s = prune_checkpoint(result.best_checkpoint, tmp_path / "p.safetensors", **kw)
+    assert s["interrupted"] and s["out"] is None and not (tmp_path / "p.safetensors").exists()
+    monkeypatch.undo()
+    s = prune_checkpoint(result.best_checkpoint, tmp_path / "p.safetensors", resume=True, **kw)
+    assert s["out"] == str(tmp_path / "p.safetensors")
+    assert_same_state(_weights(tmp_path / "full.safetensors"), _weights(tmp_path / "p.safetensors"))
+
+
+def test_qat_fine_tune_resumes_exactly(trained_run, tmp_path, monkeypatch):
+    from finegrain.checkpoint import load_task
+    from finegrain.compress.qat import qat_finetune
+
+    result, data = trained_run
+    task, meta = load_task(result.best_checkpoint)
+    kw = dict(epochs=2, batch_size=8, workers=0, calib_images=6, device="cpu")
+    full, _ = qat_finetune(copy.deepcopy(task), meta, data, run_dir=tmp_path / "a", **kw)
+    interrupt_after(monkeypatch, epoch_call=1, steps=1)
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        qat_finetune(copy.deepcopy(task), meta, data, run_dir=tmp_path / "b", **kw)
+    monkeypatch.undo()
+    resumed, history = qat_finetune(copy.deepcopy(task), meta, data, run_dir=tmp_path / "b", resume=True, **kw)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert_same_state(full.state_dict(), resumed.state_dict())

@@ -17,4 +17,5 @@ demo: install
 	$(BIN)/finegrain demo
 
 test: install
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q

@@ -23,11 +23,11 @@ import time
 import torch
 
 from _common import SHARED, print_table, write_results
-from finegrain.fewshot.evaluate import compute_features, evaluate_episodes
-from finegrain.tasks.fewshot import build_method
-from finegrain.fewshot.run import open_all_images
 from finegrain.data.transforms import eval_transform
+from finegrain.fewshot.evaluate import compute_features, evaluate_episodes
+from finegrain.fewshot.run import open_all_images
 from finegrain.models.backbone import create_backbone
+from finegrain.tasks.fewshot import build_method
 
 WEIGHTS = SHARED / "weights" / "efficientnet_lite0.in1k.safetensors"
 DATA = SHARED / "cub50"

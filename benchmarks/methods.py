@@ -29,18 +29,18 @@ from finegrain import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate,
 
 WEIGHTS = SHARED / "weights" / "efficientnet_lite0.in1k.safetensors"
 DATA = SHARED / "flowers12"
-METHODS = {  # name -> ModelConfig fields
-    "fgvc-avg": dict(task="fgvc"),
-    "fgvc-se": dict(task="fgvc", attention="se"),
-    "fgvc-dual": dict(task="fgvc", attention="dual"),
-    "fgvc-compact_bilinear": dict(task="fgvc", pooling="compact_bilinear", pool_dim=2048),
-    "fgvc-bilinear-reduce128": dict(task="fgvc", pooling="bilinear", reduce_dim=128),
-    "fgvc-netvlad-reduce128": dict(task="fgvc", pooling="netvlad", reduce_dim=128),
-    "fgvc-center-triplet": dict(task="fgvc", loss="ce+center:0.01+triplet:1.0"),
-    "wsdan-m8": dict(task="wsdan", wsdan_parts=8),
-    "racnn-s2": dict(task="racnn", racnn_scales=2),
-    "parts-weak-k4": dict(task="parts-weak", parts_num=4),
-    "parts-weak-k4-mil": dict(task="parts-weak", parts_num=4, parts_pool="mil"),
+METHODS = {  # name -> (task, the task's options)
+    "fgvc-avg": ("fgvc", {}),
+    "fgvc-se": ("fgvc", {"attention": "se"}),
+    "fgvc-dual": ("fgvc", {"attention": "dual"}),
+    "fgvc-compact_bilinear": ("fgvc", {"pooling": "compact_bilinear", "pool_dim": 2048}),
+    "fgvc-bilinear-reduce128": ("fgvc", {"pooling": "bilinear", "reduce_dim": 128}),
+    "fgvc-netvlad-reduce128": ("fgvc", {"pooling": "netvlad", "reduce_dim": 128}),
+    "fgvc-center-triplet": ("fgvc", {"loss": "ce+center:0.01+triplet:1.0"}),
+    "wsdan-m8": ("wsdan", {"num_parts": 8}),
+    "racnn-s2": ("racnn", {"scales": 2}),
+    "parts-weak-k4": ("parts-weak", {"num_parts": 4}),
+    "parts-weak-k4-mil": ("parts-weak", {"num_parts": 4, "pool": "mil"}),
 }
 NOT_RUN = {
     "transfg": "ViT only (timm VisionTransformer with a class token); no ViT ImageNet weights are available offline, "
@@ -85,7 +85,8 @@ def main() -> None:
             cfg = RunConfig(
                 DataConfig(data=str(data), img_size=args.img_size, batch_size=args.batch_size, workers=1,
                            val_fraction=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-                ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS), **METHODS[name]),
+                ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS), task=METHODS[name][0],
+                            options=dict(METHODS[name][1])),
                 TrainConfig(epochs=args.epochs, device="cpu", out=tmp, name=name, seed=0),  # the default recipe
             )
             t0 = time.perf_counter()
@@ -98,7 +99,7 @@ def main() -> None:
             metrics = evaluate(result.best_checkpoint, data, split="test", workers=1, device="cpu",
                                out_dir=f"{tmp}/{name}-eval")
             test_s = time.perf_counter() - t0
-            rows.append({"method": name, **METHODS[name], "top1": metrics["top1"],
+            rows.append({"method": name, "task": METHODS[name][0], **METHODS[name][1], "top1": metrics["top1"],
                          "mean_per_class_acc": metrics["mean_per_class_acc"],
                          "train_img_s": round(sum(r["images_per_s"] * r["epoch_seconds"] for r in epoch_rows)
                                               / sum(r["epoch_seconds"] for r in epoch_rows), 2),

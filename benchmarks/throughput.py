@@ -19,6 +19,8 @@ Usage (GPU): python benchmarks/throughput.py --models resnet50 vit_base_patch16_
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import time
 
@@ -31,12 +33,13 @@ from torchvision.transforms import v2
 
 from _common import SHARED, print_table, write_results
 from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from finegrain.data.cache import open_or_build_cache
 from finegrain.data.base import open_dataset
+from finegrain.data.cache import open_or_build_cache
 from finegrain.data.device import DevicePrefetcher
 from finegrain.tasks import build_task
 from finegrain.train.distributed import World
 from finegrain.train.loop import autocast, train_one_epoch
+from finegrain.train.plan import make_plan
 from finegrain.train.run import build_train_data
 from finegrain.utils import resolve_device
 
@@ -83,8 +86,10 @@ def ours(model, images, device, args, pipeline, cache, compile_):
     cfg = RunConfig(DataConfig(data=args.data, img_size=args.img_size, batch_size=args.batch_size, workers=args.workers,
                                pipeline=pipeline, cache=cache, cache_dir=args.cache_dir, mean=MEAN, std=STD),
                     ModelConfig(backbone=args.model), TrainConfig(device=str(device)))
-    prep = {"mean": MEAN, "std": STD, "interpolation": "bilinear", "crop_pct": 0.875}
-    data, collate_fn, prepare = build_train_data(cfg, images, list(range(len(images))), prep, World(), device)
+    cfg.check()
+    prep = {"img_size": args.img_size, "mean": MEAN, "std": STD, "interpolation": "bilinear", "crop_pct": 0.875}
+    plan = dataclasses.replace(make_plan(cfg, World(), device), preprocessing=prep)
+    data, collate_fn, prepare = build_train_data(plan, images, list(range(len(images))))
     task = build_task("supervised", model, len(images.classes), label_smoothing=0.1).to(memory_format=torch.channels_last)
     forward = torch.compile(task) if compile_ else task
     workers = args.workers if not (pipeline == "device" and cache) else 0  # cache slices need no worker processes
@@ -161,7 +166,7 @@ def main() -> None:
     results = []
     for name in args.models:
         args.model = name
-        make = lambda: _make(name, len(images.classes), device, args.img_size)  # noqa: E731
+        make = functools.partial(_make, name, len(images.classes), device, args.img_size)
         r = {"compute-only (eager)": compute_only(make(), device, args.batch_size, args.img_size, args.steps, False)}
         if args.compile:
             r["compute-only (compiled)"] = compute_only(make(), device, args.batch_size, args.img_size, args.steps, True)

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from finegrain.data.cache import CachedImageDataset, cache_key, open_or_build_cache
 from finegrain.data.base import open_dataset
+from finegrain.data.cache import CachedImageDataset, cache_key, open_or_build_cache
 from finegrain.data.dataset import collate
 
 

@@ -1,9 +1,9 @@
 import torch
 
+from finegrain.data.base import open_dataset
 from finegrain.data.dataset import ImageDataset, collate
 from finegrain.data.split import stratified_split
 from finegrain.data.transforms import BatchMixer, eval_transform, train_transform
-from finegrain.data.base import open_dataset
 
 
 def test_stratified_split_per_class_fraction_disjoint_and_seeded():

@@ -11,8 +11,7 @@ from PIL import Image
 from scipy.io import savemat
 
 import finegrain.data.benchmarks  # noqa: F401  (registers the benchmark readers)
-from finegrain.data.base import DATASETS, ImageList
-from finegrain.data.base import open_dataset
+from finegrain.data.base import DATASETS, ImageList, open_dataset
 
 CUB50 = Path("/work/shared/data/cub50")
 
@@ -617,3 +616,23 @@ def test_open_dataset_autodetects(tmp_path):
     assert open_dataset(csv).source.startswith("csv:")
     make_dogs(tmp_path / "dogs")
     assert open_dataset(tmp_path / "dogs", "test", dataset="dogs").classes[0] == "Chihuahua"
+
+
+@pytest.mark.parametrize("name,make", [("cub", make_cub), ("nabirds", make_nabirds), ("dogs", make_dogs), ("cars", make_cars),
+                                       ("aircraft", make_aircraft), ("flowers102", make_flowers)])
+def test_each_benchmark_layout_is_recognised_by_its_own_reader(tmp_path, name, make):
+    """The guess is a loop over the readers' own ``detect``: each benchmark as written by its maker, and its outer folder."""
+    from finegrain.data.base import guess_reader
+
+    base = make(tmp_path / name)
+    for root in {base, tmp_path / name}:
+        assert guess_reader(root) == name, root
+    assert len(open_dataset(tmp_path / name, "train")) > 0
+
+
+def test_unrecognised_path_says_so(tmp_path):
+    from finegrain.data.base import guess_reader
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no reader recognises.*--dataset"):
+        guess_reader(tmp_path / "notes.txt")

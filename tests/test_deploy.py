@@ -15,6 +15,7 @@ pytest.importorskip("onnxscript")
 
 import onnx  # noqa: E402
 
+from finegrain.checkpoint import CheckpointMeta, save  # noqa: E402
 from finegrain.cli import main  # noqa: E402
 from finegrain.deploy import (  # noqa: E402
     OnnxModel,
@@ -27,7 +28,6 @@ from finegrain.models.backbone import create_backbone  # noqa: E402
 from finegrain.predict import Predictor  # noqa: E402
 from finegrain.tasks import build_task  # noqa: E402
 from finegrain.tasks.supervised import SupervisedTask  # noqa: E402
-from finegrain.checkpoint import CheckpointMeta, save  # noqa: E402
 
 from .conftest import make_image_folder  # noqa: E402
 

@@ -15,8 +15,15 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from finegrain.data import device as dev
-from finegrain.data.device import (DeviceAugment, DevicePrefetcher, center_crop_boxes, crop_resize, decode_jpegs,
-                                   pad_batch, sample_crop_boxes)
+from finegrain.data.device import (
+    DeviceAugment,
+    DevicePrefetcher,
+    center_crop_boxes,
+    crop_resize,
+    decode_jpegs,
+    pad_batch,
+    sample_crop_boxes,
+)
 from finegrain.data.transforms import eval_transform
 from finegrain.train.run import fit
 from tests.conftest import tiny_config

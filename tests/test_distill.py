@@ -1,9 +1,8 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
-from finegrain.cli import main
 from finegrain.checkpoint import load_task
+from finegrain.cli import main
 from finegrain.predict import Predictor
 from finegrain.tasks.distill import kd_loss
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from finegrain.checkpoint import read_meta
 from finegrain.fewshot.enroll import enroll_class, imprint_row, unenroll_class
 from finegrain.predict import Predictor
-from finegrain.checkpoint import read_meta
 
 
 def _sha(path: Path) -> str:

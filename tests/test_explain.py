@@ -14,9 +14,9 @@ from finegrain.explain.score import crop_geometry, energy_in_box, localization_s
 
 def make_checkpoint(path, backbone: str, *, img_size: int = 64, classes=("blue", "green", "red")):
     """A random-init checkpoint written directly (no training): enough for shape and plumbing tests."""
+    from finegrain.checkpoint import CheckpointMeta, save
     from finegrain.models.backbone import create_backbone, data_config
     from finegrain.tasks import build_task
-    from finegrain.checkpoint import CheckpointMeta, save
 
     torch.manual_seed(0)
     model = create_backbone(backbone, num_classes=len(classes))

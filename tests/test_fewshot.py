@@ -14,9 +14,9 @@ from torch.func import functional_call
 
 from finegrain.data.base import ImageList
 from finegrain.fewshot.evaluate import mean_ci95
-from finegrain.tasks.fewshot import ProtoNetTask, build_method, fewshot_methods, maml_adapt
 from finegrain.fewshot.sampler import EpisodeCollate, EpisodicSampler, episode_labels, split_classes
 from finegrain.models.backbone import create_backbone
+from finegrain.tasks.fewshot import ProtoNetTask, build_method, fewshot_methods, maml_adapt
 
 
 def _images(n_classes: int, per_class: int, source: str = "folder:x") -> ImageList:
@@ -207,8 +207,8 @@ def test_evaluate_needs_one_model_source(tmp_path):
 
 
 def test_baseline_pretrains_on_base_classes_then_evaluates_on_novel(tmp_path):
-    from finegrain.fewshot.run import evaluate_fewshot, fit_episodic
     from finegrain.checkpoint import read_meta
+    from finegrain.fewshot.run import evaluate_fewshot, fit_episodic
 
     data = _colour_folder(tmp_path / "data")
     kw = dict(n_way=2, q_query=2, img_size=32, device="cpu", split_fractions=(0.34, 0.33, 0.33))

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finegrain.models.losses import (BatchHardTripletLoss, CenterLoss, CombinedLoss, FocalLoss, LOSSES,
-                                     parse_loss_spec)
+from finegrain.models.losses import LOSSES, BatchHardTripletLoss, CenterLoss, CombinedLoss, FocalLoss, parse_loss_spec
 
 
 def _call(loss, logits=None, features=None, target=None, labels=None):

@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from finegrain.checkpoint import CheckpointMeta, load_task, save
 from finegrain.config import ModelConfig
 from finegrain.models.attention import ATTENTIONS
 from finegrain.models.backbone import create_backbone
 from finegrain.models.pooling import POOLINGS
-from finegrain.checkpoint import load_task
 from finegrain.tasks import TASKS, build_task
 from finegrain.tasks.wsdan import attention_crop, attention_drop, bilinear_attention_pooling
-from finegrain.checkpoint import CheckpointMeta, save
 
 BACKBONES = ["test_resnet", "test_efficientnet"]
 NUM_CLASSES = 3

@@ -4,17 +4,16 @@ parity with naive references, properties, round trips and the errors for bad inp
 from __future__ import annotations
 
 import itertools
-
-import numpy as np
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from finegrain.config import DataConfig, ModelConfig, RunConfig
 from finegrain.data.base import ImageList
 from finegrain.data.dataset import ImageDataset, check_annotations, collate
 from finegrain.data.transforms import eval_transform, train_transform

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("torch_pruning")
 
-from finegrain.compress.prune import prune_checkpoint, prune_task  # noqa: E402
 from finegrain.checkpoint import load_task
+from finegrain.compress.prune import prune_checkpoint, prune_task  # noqa: E402
 from finegrain.predict import Predictor  # noqa: E402
 
 

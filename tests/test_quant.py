@@ -16,7 +16,6 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 
 from finegrain.cli import main  # noqa: E402
-from finegrain.deploy.onnx import OnnxModel  # noqa: E402
 from finegrain.compress.qat import (  # noqa: E402
     ActivationFakeQuant,
     QatModel,
@@ -26,6 +25,7 @@ from finegrain.compress.qat import (  # noqa: E402
     qat_checkpoint,
     weight_qparams,
 )
+from finegrain.deploy.onnx import OnnxModel  # noqa: E402
 from finegrain.models.backbone import create_backbone  # noqa: E402
 from finegrain.predict import Predictor  # noqa: E402
 from finegrain.tasks import build_task  # noqa: E402

@@ -8,19 +8,38 @@ The public API::
     run = fit(cfg)
     metrics = evaluate(run.best_checkpoint, "path/to/images", split="test")
     Predictor.from_checkpoint(run.best_checkpoint).predict(["bird.jpg"], topk=5)
+
+``import finegrain`` fills the registries (every task in ``TASKS``, every reader in
+``DATASETS``); the training, evaluation and inference entry points are imported when first used.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from finegrain.data import DATASETS, ImageList, open_dataset
-from finegrain.tasks import TASKS, Task
-from finegrain.checkpoint import CheckpointMeta, load_task, read_meta
-from finegrain.models.backbone import create_backbone
-from finegrain.eval.evaluate import evaluate
-from finegrain.eval.metrics import classification_metrics
-from finegrain.predict import Predictor
-from finegrain.train.run import RunResult, fit
+from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from finegrain.data import DATASETS, ImageList, open_dataset  # noqa: E402
+from finegrain.tasks import TASKS, Task  # noqa: E402
+
+_LAZY = {
+    "CheckpointMeta": "finegrain.checkpoint", "load_task": "finegrain.checkpoint", "read_meta": "finegrain.checkpoint",
+    "create_backbone": "finegrain.models.backbone", "evaluate": "finegrain.eval.evaluate",
+    "classification_metrics": "finegrain.eval.metrics", "Predictor": "finegrain.predict", "RunResult": "finegrain.train.run",
+    "fit": "finegrain.train.run",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'finegrain' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DATASETS", "TASKS", "CheckpointMeta", "DataConfig", "ImageList", "ModelConfig", "Predictor", "RunConfig", "RunResult",

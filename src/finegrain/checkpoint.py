@@ -96,7 +96,7 @@ class CheckpointMeta:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, path: str | Path = "checkpoint") -> "CheckpointMeta":
+    def from_dict(cls, d: dict[str, Any], *, path: str | Path = "checkpoint") -> CheckpointMeta:
         """Read metadata of format 1 or 2; a newer format is refused naming the version and the fix."""
         version = d.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:

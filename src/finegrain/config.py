@@ -165,7 +165,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         """The config a ``to_dict`` (or a run's ``config.yaml``) describes.
 
         Task options may also be given the way earlier versions stored them, as flat ``model``
@@ -187,7 +187,7 @@ class RunConfig:
         )
 
 
-def option_flags() -> dict[str, list[tuple[str, "dataclasses.Field"]]]:
+def option_flags() -> dict[str, list[tuple[str, dataclasses.Field]]]:
     """Every task option flag (without ``--``) and the ``(task, field)`` pairs that declare it."""
     from finegrain.tasks import TASKS
     from finegrain.tasks.base import flag_name

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -47,7 +47,7 @@ class Predictor:
         self.tta_flip = tta_flip
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str = "auto", batch_size: int = 32, tta_flip: bool = False) -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, *, device: str = "auto", batch_size: int = 32, tta_flip: bool = False) -> Predictor:
         dev = resolve_device(device)
         task, meta = load_task(path, dev)
         return cls(task, meta, device=dev, batch_size=batch_size, tta_flip=tta_flip)

@@ -7,7 +7,8 @@ unknown name raises ``ValueError`` listing what exists and the closest matches.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 

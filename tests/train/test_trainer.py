@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from ..conftest import make_image_folder, tiny_config
+from ..conftest import tiny_config
 
 
 def interrupt_after(monkeypatch, *, epoch_call: int, steps: int) -> None:

@@ -473,11 +473,19 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     """
     import onnx
 
-    from finegrain.deploy.onnx import (OnnxModel, _set_metadata, compare_logits, export_metadata, export_onnx, load_batch,
-                                       quantize_int8, sample_images)
-    from finegrain.predict import Predictor
     from finegrain import checkpoint as ckpt_io
     from finegrain.checkpoint import resolve_checkpoint
+    from finegrain.deploy.onnx import (
+        OnnxModel,
+        _set_metadata,
+        compare_logits,
+        export_metadata,
+        export_onnx,
+        load_batch,
+        quantize_int8,
+        sample_images,
+    )
+    from finegrain.predict import Predictor
     from finegrain.utils import resolve_device
 
     ckpt = resolve_checkpoint(checkpoint)

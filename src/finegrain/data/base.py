@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from finegrain.registry import Registry
 
@@ -53,7 +54,7 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, indices: list[int]) -> "ImageList":
+    def subset(self, indices: list[int]) -> ImageList:
         """Return the images at ``indices`` with the same class list and annotations."""
         pick = lambda xs: None if xs is None else [xs[i] for i in indices]  # noqa: E731
         return ImageList(

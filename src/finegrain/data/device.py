@@ -22,7 +22,7 @@ finished on the device:
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn

@@ -10,8 +10,6 @@ from finegrain.data.base import (
     IMAGE_EXTENSIONS,
     ImageList,
     check_split,
-    download_and_verify,
-    read_table,
 )
 
 FOLDER_LAYOUT = "ROOT/<class_name>/*.jpg, or ROOT/train/<class_name>/*.jpg and ROOT/test/<class_name>/*.jpg"

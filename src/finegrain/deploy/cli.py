@@ -40,8 +40,8 @@ def add_commands(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from finegrain.deploy.onnx import export_checkpoint
     from finegrain.checkpoint import resolve_checkpoint
+    from finegrain.deploy.onnx import export_checkpoint
 
     out = args.out
     if out is None:

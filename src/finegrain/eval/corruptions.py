@@ -11,7 +11,7 @@ ImageNet-C's exact constants.
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

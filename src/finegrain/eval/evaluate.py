@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from finegrain.checkpoint import resolve_checkpoint
 from finegrain.data.base import open_dataset
 from finegrain.data.device import eval_batches
 from finegrain.eval.metrics import (
@@ -15,7 +16,6 @@ from finegrain.eval.metrics import (
     write_per_class_csv,
 )
 from finegrain.predict import Predictor
-from finegrain.checkpoint import resolve_checkpoint
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from finegrain.checkpoint import resolve_checkpoint
 from finegrain.data.base import open_dataset
 from finegrain.data.dataset import collate, load_rgb
 from finegrain.eval.corruptions import CORRUPTIONS, MAX_SEVERITY, corrupt
-from finegrain.checkpoint import resolve_checkpoint
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
 

@@ -14,8 +14,8 @@ map per image at the model's input resolution (the eval crop), scaled to ``[0, 1
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -140,7 +140,7 @@ class _AttentionRecorder:
                              "attention rollout needs a ViT (use --method gradcam for CNNs)")
         self.maps: list[torch.Tensor] = []
 
-    def __enter__(self) -> "_AttentionRecorder":
+    def __enter__(self) -> _AttentionRecorder:
         self._fused = [getattr(a, "fused_attn", False) for a in self.attns]
         self._hooks = []
         for a in self.attns:

@@ -60,9 +60,9 @@ def _resolve_target(target: str | None, classes: list[str]) -> int | None:
 def _cmd_explain(args) -> int:
     from pathlib import Path
 
+    from finegrain.checkpoint import resolve_checkpoint
     from finegrain.explain.cam import save_overlays
     from finegrain.predict import Predictor, expand_images
-    from finegrain.checkpoint import resolve_checkpoint
 
     predictor = Predictor.from_checkpoint(resolve_checkpoint(args.checkpoint), device=args.device)
     paths = expand_images(args.images)
@@ -78,10 +78,10 @@ def _cmd_explain(args) -> int:
 def _cmd_explain_score(args) -> int:
     from pathlib import Path
 
+    from finegrain.checkpoint import resolve_checkpoint
     from finegrain.data.base import open_dataset
     from finegrain.explain.score import localization_scores
     from finegrain.predict import Predictor
-    from finegrain.checkpoint import resolve_checkpoint
 
     predictor = Predictor.from_checkpoint(resolve_checkpoint(args.checkpoint), device=args.device)
     images = open_dataset(args.data, args.split, dataset=args.dataset)

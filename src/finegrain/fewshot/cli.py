@@ -68,8 +68,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_enroll(args) -> int:
-    from finegrain.fewshot.enroll import enroll_class, old_class_accuracy
     from finegrain.checkpoint import read_meta
+    from finegrain.fewshot.enroll import enroll_class, old_class_accuracy
 
     old_classes = list(read_meta(args.checkpoint)["classes"])
     before = None

@@ -21,17 +21,17 @@ The source checkpoint is only read; the result is a new self-describing checkpoi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finegrain.data.dataset import load_rgb
-from finegrain.predict import Predictor, expand_images
 from finegrain import checkpoint as ckpt
 from finegrain.checkpoint import resolve_checkpoint
+from finegrain.data.dataset import load_rgb
+from finegrain.predict import Predictor, expand_images
 
 
 def _classifier_keys(task: nn.Module) -> tuple[str, str | None]:

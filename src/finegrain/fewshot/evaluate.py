@@ -7,15 +7,15 @@ Accuracy is reported as the mean over episodes with a 95% confidence interval
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 from finegrain.data.base import ImageList
 from finegrain.data.dataset import ImageDataset, collate
-from finegrain.tasks.fewshot import EpisodicTask
 from finegrain.fewshot.sampler import EpisodicSampler
+from finegrain.tasks.fewshot import EpisodicTask
 from finegrain.train.loop import predict_loader
 
 

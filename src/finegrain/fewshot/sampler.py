@@ -11,7 +11,7 @@ Few-shot Classification" (arXiv:1904.04232): base = classes 1-100, val = 101-150
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ import yaml
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
-from finegrain.data.base import ImageList
-from finegrain.data.base import open_dataset
+from finegrain.checkpoint import resolve_checkpoint
+from finegrain.data.base import ImageList, open_dataset
 from finegrain.data.dataset import ImageDataset, collate, load_rgb
 from finegrain.data.split import load_split
 from finegrain.eval.metrics import (
@@ -36,7 +36,6 @@ from finegrain.predict import Predictor
 from finegrain.report import plots
 from finegrain.report.html import esc, img_tag, page, pil_png, table
 from finegrain.tasks.base import Task
-from finegrain.checkpoint import resolve_checkpoint
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
 
@@ -410,7 +409,7 @@ def _explanations(predictor: Predictor, ev: _Evaluation, method: str | None, n_e
         for j, im in enumerate(panels):
             canvas.paste(im.resize((side, side), Image.BICUBIC), (j * (side + 4), 0))
         t, p = classes[int(ev.labels[i])], classes[int(pred[i])]
-        verdict = f'<span class="ok">correct</span>' if ok else f'<span class="no">wrong</span>'
+        verdict = '<span class="ok">correct</span>' if ok else '<span class="no">wrong</span>'
         caption = f"{verdict} true <b>{esc(t)}</b>, predicted <b>{esc(p)}</b> ({100 * conf[i]:.0f}%)<br>"
         caption += "image | map for the predicted class" + ("" if ok or not class_specific else " | map for the true class")
         caption += f'<br><span class="muted">{esc(Path(ev.path(i)).name)}</span>'

@@ -17,9 +17,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class ServerProcess:
         self._log_text = ""
         self.returncode: int | None = None
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         cmd = [sys.executable, "-m", "finegrain", "serve", self.checkpoint, "--host", self.host, "--port", str(self.port),
                *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
@@ -123,7 +123,7 @@ class ServerProcess:
         self.returncode = proc.returncode
         return self.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from finegrain.registry import Registry
 
-TASKS: Registry[type["Task"]] = Registry("task")
+TASKS: Registry[type[Task]] = Registry("task")
 
 
 def option(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -64,7 +64,7 @@ class BuildContext:
 class LoadedCheckpoint:
     """A checkpoint opened by :func:`finegrain.checkpoint.load_task`, handed to tasks that need one (a teacher)."""
 
-    task: "Task"
+    task: Task
     meta: Any
     path: str
 
@@ -165,7 +165,7 @@ class Task(nn.Module):
 
 
 def build_task(name: str, model: nn.Module, num_classes: int, **kwargs: Any) -> Task:
-    """Build the registered task ``name`` around ``model`` from constructor keyword arguments.
+    r"""Build the registered task ``name`` around ``model`` from constructor keyword arguments.
 
     Arguments in the task's ``checkpoint_args`` must already be :class:`LoadedCheckpoint`\ s
     (:func:`finegrain.checkpoint.build_task` opens them from paths).

@@ -32,7 +32,7 @@ from finegrain.registry import close_matches
 from finegrain.tasks.base import TASKS, Task, TaskOptions, option
 
 
-def fewshot_methods() -> dict[str, type["EpisodicTask"]]:
+def fewshot_methods() -> dict[str, type[EpisodicTask]]:
     """The few-shot methods by their ``--method`` name: the registered tasks that derive from :class:`EpisodicTask`."""
     found = {}
     for name in TASKS.names():
@@ -42,7 +42,7 @@ def fewshot_methods() -> dict[str, type["EpisodicTask"]]:
     return found
 
 
-def fewshot_method(name: str) -> type["EpisodicTask"]:
+def fewshot_method(name: str) -> type[EpisodicTask]:
     """The task class of few-shot method ``name`` (``ValueError`` naming the methods otherwise)."""
     methods = fewshot_methods()
     if name not in methods:

@@ -26,9 +26,8 @@ Differences from the paper, on purpose:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

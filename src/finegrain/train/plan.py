@@ -57,7 +57,7 @@ class Plan:
         d = self.cfg.data
         return max(1, train_images // (d.batch_size * self.world.size) // self.cfg.train.accum_steps)
 
-    def with_model(self, model: nn.Module) -> "Plan":
+    def with_model(self, model: nn.Module) -> Plan:
         """The plan with the eval preprocessing of ``model`` (the config's mean/std override the pretrained cfg)."""
         return dataclasses.replace(self, preprocessing=preprocessing(self.cfg, model))
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import signal
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -15,7 +15,6 @@ def add_commands(sub) -> None:
     import argparse
 
     from finegrain.cli import add_run_flags
-    from finegrain.config import DataConfig, ModelConfig, TrainConfig
 
     p = sub.add_parser("tune", help="hyperparameter search (Optuna) over any training flag, on validation top-1",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

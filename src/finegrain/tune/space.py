@@ -12,7 +12,6 @@ for a float range; random and TPE sampling ignore it and use the whole range.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import typing

@@ -471,18 +471,13 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
         A summary: paths, seconds, how many quantized tensors carry QAT scales, the training
         history and the verification numbers.
     """
-    import onnx
-
     from finegrain import checkpoint as ckpt_io
     from finegrain.checkpoint import resolve_checkpoint
     from finegrain.deploy.onnx import (
         OnnxModel,
-        _set_metadata,
         compare_logits,
-        export_metadata,
         export_onnx,
         load_batch,
-        quantize_int8,
         sample_images,
     )
     from finegrain.predict import Predictor
@@ -529,20 +524,10 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     ckpt_io.save(ckpt_path, tuned.state_dict(), ckpt_io.derive(meta, "qat", ckpt, details={"epochs": epochs, "lr": lr}, qat=qat_meta))
     export_onnx(tuned, meta, fp32_path, opset=opset, source=ckpt)
 
-    def overrides(prepared: Path):
-        matches = match_onnx_tensors(prepared, sites, verify[:2])
-        return _overrides_from_matches(prepared, matches, params_by_site)
-
     start = time.perf_counter()
-    calib = load_batch(original, sample_images(Path(data) / "train" if (Path(data) / "train").is_dir() else data,
-                                               calib_images, seed=0))
-    report: dict[str, Any] = {}
-    quantize_int8(fp32_path, out, calib, tensor_overrides=overrides, report=report)
+    report = _quantize_with_qat_scales(fp32_path, out, original, data, calib_images=calib_images, sites=sites,
+                                       site_inputs=verify[:2], params_by_site=params_by_site, source=ckpt)
     quantize_seconds = time.perf_counter() - start
-    q = onnx.load(str(out))
-    _set_metadata(q, {**export_metadata(meta, ckpt), "quantization": "int8-qat-qdq-per-channel",
-                      "qat_tensors": str(report.get("overridden", 0))})
-    onnx.save(q, str(out))
     int8 = OnnxModel(out).logits(verify)
     eager = original.logits(verify).numpy()
     return {
@@ -555,6 +540,29 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
         "verify": {"int8_vs_eager": compare_logits(eager, int8), "int8_vs_simulated": compare_logits(simulated, int8),
                    "simulated_vs_eager": compare_logits(eager, simulated)},
     }
+
+
+def _quantize_with_qat_scales(fp32_path: Path, out: Path, original, data: str | Path, *, calib_images: int,
+                              sites: dict[str, torch.Tensor], site_inputs: torch.Tensor,
+                              params_by_site: dict[str, tuple[float, int]], source: Path) -> dict[str, Any]:
+    """INT8 ONNX of ``fp32_path`` whose activation scales are the QAT ones (min/max calibration for the rest); its report."""
+    import onnx
+
+    from finegrain.deploy.onnx import _set_metadata, export_metadata, load_batch, quantize_int8, sample_images
+
+    def overrides(prepared: Path):
+        matches = match_onnx_tensors(prepared, sites, site_inputs)
+        return _overrides_from_matches(prepared, matches, params_by_site)
+
+    calib = load_batch(original, sample_images(Path(data) / "train" if (Path(data) / "train").is_dir() else data,
+                                               calib_images, seed=0))
+    report: dict[str, Any] = {}
+    quantize_int8(fp32_path, out, calib, tensor_overrides=overrides, report=report)
+    q = onnx.load(str(out))
+    _set_metadata(q, {**export_metadata(original.meta, source), "quantization": "int8-qat-qdq-per-channel",
+                      "qat_tensors": str(report.get("overridden", 0))})
+    onnx.save(q, str(out))
+    return report
 
 
 def _overrides_from_matches(prepared: Path, matches: dict[str, str], params: dict[str, tuple[float, int]]) -> dict:

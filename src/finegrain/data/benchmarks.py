@@ -65,14 +65,7 @@ def cub200(root: str | Path, split: str = "train", *, download: bool = False) ->
     is_train = {int(i): s == "1" for i, s in read_table(base / "train_test_split.txt", 2, CUB_LAYOUT)}
     class_rows = read_table(base / "classes.txt", 2, CUB_LAYOUT)
     class_name = {int(i): n for i, n in class_rows}
-    missing = sorted(set(images) - set(labels))[:5] or sorted(set(images) - set(is_train))[:5]
-    if missing:
-        raise ValueError(f"image ids {missing} of {base / 'images.txt'} have no label or split entry")
-    used = sorted({labels[i] for i in images})
-    unknown = [c for c in used if c not in class_name]
-    if unknown:
-        raise ValueError(f"class ids {unknown[:5]} are not in {base / 'classes.txt'}")
-    index = {c: k for k, c in enumerate(used)}
+    used, index = _used_classes(images, labels, is_train, class_name, base, base / "classes.txt")
     classes = [class_name[c].split(".", 1)[-1] for c in used]
     boxes_file = base / "bounding_boxes.txt"
     boxes = {int(r[0]): tuple(map(float, r[1:5])) for r in read_table(boxes_file, 5, CUB_LAYOUT)} if boxes_file.exists() else None
@@ -98,6 +91,18 @@ def cub200(root: str | Path, split: str = "train", *, download: bool = False) ->
 
 
 Box = tuple[float, float, float, float]
+
+
+def _used_classes(images: dict, labels: dict, is_train: dict, names: dict, base: Path, classes_file: Path):
+    """``(class ids with images, {class id: label index})`` of a CUB-style table set; every image needs a label and a split."""
+    missing = sorted(set(images) - set(labels))[:5] or sorted(set(images) - set(is_train))[:5]
+    if missing:
+        raise ValueError(f"image ids {missing} of {base / 'images.txt'} have no label or split entry")
+    used = sorted({labels[i] for i in images})
+    unknown = [c for c in used if c not in names]
+    if unknown:
+        raise ValueError(f"class ids {unknown[:5]} are not in {classes_file}")
+    return used, {c: k for k, c in enumerate(used)}
 
 
 def _corner_box(x1: float, y1: float, x2: float, y2: float) -> Box:
@@ -190,14 +195,7 @@ def nabirds(root: str | Path, split: str = "train", *, download: bool = False) -
     is_train = {i: s == "1" for i, s, *_ in read_table(base / "train_test_split.txt", 2, lay)}
     classes_file = base / "classes.txt"
     names = {_parse(int, r[0], classes_file, lay): " ".join(r[1:]) for r in read_table(classes_file, 2, lay)}
-    missing = sorted(set(images) - set(labels))[:5] or sorted(set(images) - set(is_train))[:5]
-    if missing:
-        raise ValueError(f"image ids {missing} of {base / 'images.txt'} have no label or split entry")
-    used = sorted({labels[i] for i in images})
-    unknown = [c for c in used if c not in names]
-    if unknown:
-        raise ValueError(f"class ids {unknown[:5]} are not in {classes_file}")
-    index = {c: k for k, c in enumerate(used)}
+    used, index = _used_classes(images, labels, is_train, names, base, classes_file)
 
     boxes = None
     boxes_file = base / "bounding_boxes.txt"

@@ -1,13 +1,11 @@
-import dataclasses
 import json
 
 import pytest
 import torch
 
 from finegrain import checkpoint as ckpt
-from finegrain.config import ModelConfig
 from finegrain.models.backbone import create_backbone
-from finegrain.tasks import TASKS, build_task
+from finegrain.tasks import build_task
 
 PREP = {"img_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 0.875, "interpolation": "bilinear"}
 
@@ -110,18 +108,3 @@ def test_derive_records_lineage_and_resets_metrics():
     assert [e["kind"] for e in d2.lineage] == ["pruned", "enrolled"] and d2.lineage[0]["ratio"] == 0.5
     assert d2.lineage[1]["source"] == "b.safetensors" and d1.metrics == {} and d1.epoch is None
     assert meta.lineage == [] and meta.metrics == {"val_top1": 90.0}  # the source is untouched
-
-
-@pytest.mark.parametrize("task_name", [t for t in TASKS.names() if TASKS.get(t).trainer == "supervised" and t != "distill"])
-def test_every_task_round_trips_its_options(task_name):
-    """ModelConfig keeps the shared fields; each task's options survive to_dict/from_dict."""
-    from finegrain.config import RunConfig
-
-    cfg = RunConfig()
-    cfg.model = ModelConfig(task=task_name)
-    cfg.model.check()
-    again = RunConfig.from_dict(cfg.to_dict())
-    again.model.check()
-    assert again.model.options == cfg.model.options and isinstance(again.model.options, TASKS.get(task_name).Options)
-    shared = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert shared == {"backbone", "pretrained", "task", "drop_rate", "drop_path_rate", "options"}

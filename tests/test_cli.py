@@ -42,20 +42,6 @@ def test_train_eval_predict_end_to_end(image_folder, tmp_path, capsys):
     assert lines[0].startswith("path,rank,class") and len(lines) == 1 + 3 * 3
 
 
-def test_predictor_python_api_matches_cli_classes(trained_run):
-    from PIL import Image
-
-    from finegrain import Predictor
-
-    result, data = trained_run
-    p = Predictor.from_checkpoint(result.best_checkpoint, device="cpu")
-    assert p.classes == ["blue", "green", "red"]
-    img = Image.open(next((data / "test" / "red").iterdir()))
-    out = p.predict([img], topk=10)
-    assert len(out[0]["topk"]) == 3  # capped at the class count
-    assert abs(sum(t["score"] for t in out[0]["topk"]) - 1.0) < 1e-4
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -73,18 +59,40 @@ def test_bad_input_gets_a_clear_error(argv, message, image_folder, tmp_path, cap
     assert "error:" in err and message in err.replace("\n", " ")
 
 
-def test_eval_refuses_data_with_other_classes(trained_run, tmp_path, capsys):
-    from tests.conftest import make_image_folder
-
-    result, _ = trained_run
-    other = make_image_folder(tmp_path / "other")
-    (other / "test" / "red").rename(other / "test" / "purple")
-    (other / "train" / "red").rename(other / "train" / "purple")
-    assert main(["eval", str(result.run_dir), "--data", str(other), "--workers", "0", "--device", "cpu"]) == 2
-    assert "purple" in capsys.readouterr().err
-
-
 def test_empty_class_folder_is_named(image_folder, tmp_path, capsys):
     (image_folder / "train" / "yellow").mkdir()
     assert main(["train", "--data", str(image_folder), "--out", str(tmp_path)]) == 2
     assert "yellow" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [
+    ["--task", "fgvc", "--attention", "se", "--pooling", "compact_bilinear", "--pool-dim", "64",
+     "--loss", "ce+center:0.01+triplet:1"],
+    ["--task", "wsdan", "--wsdan-parts", "4"],
+    ["--task", "racnn", "--racnn-scales", "2"],
+    ["--task", "parts-weak", "--parts-num", "2", "--parts-pool", "mil"],
+])
+def test_train_and_predict_through_the_cli(image_folder, tmp_path, capsys, extra):
+    from finegrain.cli import main
+    from finegrain.predict import Predictor
+
+    out = tmp_path / "runs"
+    rc = main(["train", "--data", str(image_folder), "--backbone", "test_resnet", "--pretrained", "none",
+               "--img-size", "64", "--batch-size", "8", "--workers", "0", "--epochs", "1", "--lr", "3e-3",
+               "--warmup-epochs", "0", "--device", "cpu", "--out", str(out), "--name", "m", *extra])
+    assert rc == 0
+    capsys.readouterr()
+    pred = Predictor.from_checkpoint(out / "m", device="cpu")
+    assert pred.meta["task"] == extra[1]
+    res = pred.predict([image_folder / "test" / "red"], topk=2)
+    assert len(res) == 3 and all(len(r["topk"]) == 2 for r in res)
+
+
+def test_cli_refuses_fgvc_flags_without_the_task(image_folder, tmp_path, capsys):
+    from finegrain.cli import main
+
+    rc = main(["train", "--data", str(image_folder), "--backbone", "test_resnet", "--pretrained", "none",
+               "--img-size", "32", "--workers", "0", "--epochs", "1", "--device", "cpu",
+               "--out", str(tmp_path / "runs"), "--pooling", "bilinear"])
+    assert rc == 2
+    assert "--task fgvc" in " ".join(capsys.readouterr().err.split())

@@ -13,6 +13,8 @@ import json
 import pytest
 import torch
 
+from finegrain.train.run import fit
+
 from ..conftest import tiny_config
 
 
@@ -77,7 +79,7 @@ def test_fit_resumes_bit_exact_from_the_middle_of_an_epoch(image_folder, tmp_pat
 def test_fewshot_training_resumes_exactly(tmp_path, monkeypatch, method, extra):
     from finegrain.fewshot.run import fit_episodic
 
-    from ..test_fewshot import _colour_folder
+    from ..helpers import _colour_folder
 
     data = _colour_folder(tmp_path / "data")
     kw = dict(method=method, n_way=2, k_shot=1, q_query=2, episodes=3, epochs=2, val_episodes=2, img_size=32, device="cpu",
@@ -128,3 +130,35 @@ def test_qat_fine_tune_resumes_exactly(trained_run, tmp_path, monkeypatch):
     resumed, history = qat_finetune(copy.deepcopy(task), meta, data, run_dir=tmp_path / "b", resume=True, **kw)
     assert [row["epoch"] for row in history] == [1, 2]
     assert_same_state(full.state_dict(), resumed.state_dict())
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(image_folder, tmp_path, monkeypatch):
+    import finegrain.train.trainer as run
+
+    real = run.train_one_epoch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the second epoch, after two batches
+            on_step = kwargs["on_step"]
+            on_step(8, {"loss": torch.tensor(1.0), "correct": torch.tensor(1), "seen": 8})
+            on_step(8, {"loss": torch.tensor(1.0), "correct": torch.tensor(1), "seen": 8})
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train_one_epoch", interrupted)
+    cfg = tiny_config(image_folder, tmp_path, epochs=3)
+    result = fit(cfg)
+    assert result.interrupted
+    from finegrain.checkpoint import load_train_state, read_meta
+
+    meta = read_meta(result.run_dir / "last.safetensors")
+    state = load_train_state(result.run_dir / "last.state.pt")
+    assert meta["epoch"] == state["epoch"] == 1 and state["step"] == 2
+    monkeypatch.setattr(run, "train_one_epoch", real)
+    cfg.train.resume = str(result.run_dir)
+    resumed = fit(cfg)
+    assert resumed.epochs_run == 3 and not resumed.interrupted
+    rows = [json.loads(l) for l in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]

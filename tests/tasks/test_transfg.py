@@ -1,0 +1,75 @@
+"""TransFG: a train step, attention and part selection against timm, the contrastive loss, its options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finegrain.config import DataConfig, ModelConfig, RunConfig
+from finegrain.models.backbone import create_backbone
+from finegrain.tasks import build_task
+
+from ..helpers import _train_step_and_roundtrip
+
+
+def test_transfg_train_step_and_roundtrip(tmp_path):
+    size = create_backbone("test_vit", num_classes=3, pretrained="none").pretrained_cfg["input_size"][1]
+    task, out = _train_step_and_roundtrip("test_vit", "transfg", tmp_path, size=size)
+    assert {"ce", "contrastive"} <= set(out)
+
+
+def test_transfg_attention_and_part_selection_match_references():
+    from finegrain.tasks.transfg import attention_probs, select_parts
+
+    torch.manual_seed(0)
+    model = create_backbone("test_vit", num_classes=3, pretrained="none").eval()
+    size = model.pretrained_cfg["input_size"][1]
+    images = torch.randn(2, 3, size, size)
+    captured = []
+    for blk in model.blocks:  # timm's own (unfused) attention probabilities, captured at attn_drop
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda mod, inp, out: captured.append(out))
+    with torch.no_grad():
+        model.forward_features(images)
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        ours = []
+        for blk in model.blocks:
+            ours.append(attention_probs(blk, x))
+            x = blk(x)
+    for a, b in zip(ours, captured):
+        torch.testing.assert_close(a, b)
+    idx = select_parts(ours[:-1], 1)
+    b_, h, n, _ = ours[0].shape
+    for b in range(b_):
+        for head in range(h):
+            roll = ours[0][b, head]
+            for a in ours[1:-1]:
+                roll = a[b, head] @ roll
+            assert idx[b, head] == 1 + int(roll[0, 1:].argmax())
+
+
+def test_transfg_refuses_cnn_backbones():
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        build_task("transfg", create_backbone("test_resnet", num_classes=3, pretrained="none"), 3)
+
+
+def test_transfg_contrastive_loss_matches_pair_loop():
+    from finegrain.tasks.transfg import contrastive_loss
+
+    feats, labels = torch.randn(5, 4), torch.tensor([0, 1, 0, 2, 1])
+    total = 0.0
+    for i in range(5):
+        for j in range(5):
+            cos = float(torch.nn.functional.cosine_similarity(feats[i], feats[j], dim=0))
+            total += 1 - cos if labels[i] == labels[j] else max(cos - 0.4, 0.0)
+    assert contrastive_loss(feats, labels, 0.4).item() == pytest.approx(total / 25, abs=1e-5)
+
+
+def test_transfg_takes_its_weight_and_margin_from_the_config():
+    from finegrain.train.run import build_task_from_config
+
+    cfg = RunConfig(DataConfig(data="x", img_size=32), ModelConfig(backbone="test_vit", pretrained="none", task="transfg",
+                                                                 options={"contrastive_weight": 0.25, "margin": 0.2}))
+    task = build_task_from_config(cfg, 3)
+    assert (task.contrastive_weight, task.margin) == (0.25, 0.2)
+    assert task.task_args()["margin"] == 0.2

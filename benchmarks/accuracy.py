@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="/tmp/finegrain-bench-runs")
     ap.add_argument("--name", default="accuracy", help="results file name (benchmarks/results/NAME-<machine>.json)")
+    ap.add_argument("--recipes", nargs="+", default=["finegrain", "baseline"], choices=("finegrain", "baseline"),
+                    help="which recipes to run (e.g. only finegrain, to check that a change keeps its numbers)")
     ap.add_argument("--reuse-baseline", default=None,
                     help="take the baseline runs from an earlier results JSON of this script (same epochs and seeds) instead of re-running them")
     args = ap.parse_args()
@@ -114,6 +116,8 @@ def main() -> None:
         reused = next(r for r in prev["results"] if r["recipe"] == "baseline")
     for name, fn in (("finegrain", lambda s: run_finegrain(s, args.epochs, args.workers, args.out)),
                      ("baseline", lambda s: run_baseline(s, args.epochs, args.workers))):
+        if name not in args.recipes:
+            continue
         if name == "baseline" and reused is not None:
             results.append({**reused, "source": f"reused from {args.reuse_baseline} (same script, epochs and seeds)"})
             continue
@@ -127,8 +131,9 @@ def main() -> None:
              "mean per-class": f"{r['mean_per_class_acc_mean']:.2f} ± {r['mean_per_class_acc_std']:.2f}",
              "wall s/run": r["seconds_mean"]} for r in results]
     print_table(rows, ["recipe", "top-1", "mean per-class", "wall s/run"])
-    gain = results[0]["top1_mean"] - results[1]["top1_mean"]
-    print(f"finegrain - baseline: {gain:+.2f} top-1 points")
+    gain = results[0]["top1_mean"] - results[1]["top1_mean"] if len(results) == 2 else None
+    if gain is not None:
+        print(f"finegrain - baseline: {gain:+.2f} top-1 points")
     path = write_results(args.name, {"data": "cub50 (50 CUB-200-2011 species, 1449 train / 1500 test, 227 px copies)",
                                       "backbone": "efficientnet_lite0 (ImageNet-1k weights)", "img_size": 224,
                                       "epochs": args.epochs, "seeds": args.seeds,

@@ -66,3 +66,64 @@ def test_every_task_round_trips_its_options(task_name):
     assert again.model.options == cfg.model.options and isinstance(again.model.options, TASKS.get(task_name).Options)
     shared = {f.name for f in dataclasses.fields(ModelConfig)}
     assert shared == {"backbone", "pretrained", "task", "drop_rate", "drop_path_rate", "options"}
+
+
+def test_task_option_flags_land_in_the_task_s_options(tmp_path):
+    from finegrain.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--data", "x", "--task", "wsdan", "--wsdan-parts", "4"])
+    cfg = config_from_args(args)
+    cfg.model.check()
+    assert cfg.model.options.num_parts == 4 and cfg.to_dict()["model"]["options"] == {"num_parts": 4}
+    with pytest.raises(ValueError, match="--wsdan-parts only applies to --task wsdan"):
+        config_from_args(build_parser().parse_args(["train", "--data", "x", "--wsdan-parts", "4"]))
+
+
+@pytest.mark.parametrize("yaml_model", ["{task: wsdan, wsdan_parts: 6}", "{task: wsdan, options: {num_parts: 6}}"])
+def test_config_files_give_task_options_flat_or_nested(tmp_path, yaml_model):
+    from finegrain.cli import build_parser, config_from_args
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {yaml_model}\n")
+    cfg = config_from_args(build_parser().parse_args(["train", "--data", "x", "--config", str(path)]))
+    cfg.model.check()
+    assert cfg.model.options.num_parts == 6
+
+
+def test_few_shot_tasks_are_refused_by_train_with_the_command_to_use(image_folder, tmp_path, capsys):
+    from finegrain.cli import main
+
+    assert main(["train", "--data", str(image_folder), "--task", "protonet", "--backbone", "test_resnet", "--pretrained", "none",
+                 "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert "finegrain fewshot train --method protonet" in " ".join(capsys.readouterr().err.split())
+
+
+def test_config_checks_ask_the_registries():
+    from finegrain.config import DataConfig, TrainConfig
+    from finegrain.data.transforms import AUGMENTS, train_transform
+    from finegrain.train.balance import CLASS_WEIGHTS
+    from finegrain.train.optim import OPTIMIZERS
+
+    for name in AUGMENTS.names():
+        DataConfig(data="x", augment=name).check()
+        assert train_transform(32, augment=name) is not None
+    for name in OPTIMIZERS.names():
+        TrainConfig(optimizer=name).check()
+    for name in CLASS_WEIGHTS.names():
+        TrainConfig(class_weights=name).check()
+    with pytest.raises(ValueError, match="--optimizer must be one of adam, adamw, rmsprop, sgd.*'adamw'"):
+        TrainConfig(optimizer="adamww").check()
+    with pytest.raises(ValueError, match="--augment must be one of"):
+        DataConfig(data="x", augment="heavy").check()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "adam", "rmsprop"])
+def test_every_optimizer_keeps_the_parameter_groups(name):
+    from finegrain.config import TrainConfig
+    from finegrain.models.backbone import create_backbone
+    from finegrain.tasks import build_task
+    from finegrain.train.optim import build_optimizer
+
+    task = build_task("supervised", create_backbone("test_resnet", num_classes=3), 3)
+    opt = build_optimizer(task, TrainConfig(optimizer=name, backbone_lr_mult=0.1), lr=1.0)
+    assert type(opt).__name__.lower() == name and {g["lr"] for g in opt.param_groups} == {1.0, 0.1}

@@ -163,7 +163,11 @@ def describe(task, *, model: dict[str, Any], classes: list[str], preprocessing: 
         preprocessing: eval preprocessing.
         fields: other :class:`CheckpointMeta` fields (``config``, ``metrics``, ``epoch``, ``fewshot``, ...).
     """
-    return CheckpointMeta(task=task.name, task_args=task.task_args(), model=dict(model), num_classes=task.num_classes,
+    args = task.task_args()
+    # a task built from other checkpoints (distillation's teacher) records them as its lineage
+    lineage = [{"kind": task.name, "role": key, "source": str(args[key])} for key in type(task).checkpoint_args if args.get(key)]
+    fields["lineage"] = [*lineage, *fields.get("lineage", [])]
+    return CheckpointMeta(task=task.name, task_args=args, model=dict(model), num_classes=task.num_classes,
                           classes=list(classes), preprocessing=dict(preprocessing), **fields)
 
 

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from finegrain.tasks import Task
 from finegrain.train.run import fit
 
 from ..conftest import tiny_config
@@ -162,3 +163,66 @@ def test_ctrl_c_saves_a_resumable_checkpoint(image_folder, tmp_path, monkeypatch
     assert resumed.epochs_run == 3 and not resumed.interrupted
     rows = [json.loads(l) for l in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+class _BoxRegressor(Task):
+    """A detection-shaped task: its batches are lists of images of different sizes with one target dict each."""
+
+    name = "box-regressor"
+    selection_metric = "val_score"
+
+    def __init__(self):
+        super().__init__(torch.nn.Linear(3, 4), 0)
+
+    def forward(self, batch):
+        preds = [self.model(im.mean((1, 2))) for im in batch["image"]]
+        losses = [torch.nn.functional.mse_loss(p, t["boxes"].mean(0)) for p, t in zip(preds, batch["targets"])]
+        return {"loss": torch.stack(losses).mean()}
+
+
+def _box_batches(epoch, start, steps=4):
+    g = torch.Generator().manual_seed(100 + epoch)
+    out = []
+    for _ in range(steps):
+        sizes = [(int(torch.randint(8, 20, (1,), generator=g)), int(torch.randint(8, 20, (1,), generator=g))) for _ in range(3)]
+        images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+        targets = [{"boxes": torch.rand(2, 4, generator=g), "labels": torch.tensor([0, 0])} for _ in sizes]
+        out.append({"image": images, "targets": targets, "skipped": []})
+    return out[start:]
+
+
+def _box_run(run_dir, *, resume=False):
+    from finegrain import checkpoint as ckpt
+    from finegrain.train.trainer import Trainer, TrainSetup
+
+    torch.manual_seed(0)
+    task = _BoxRegressor()
+    opt = torch.optim.SGD(task.parameters(), lr=0.1)
+
+    def validate(module):
+        with torch.no_grad():
+            return {"val_score": -float(module(_box_batches(99, 0)[0])["loss"])}
+
+    setup = TrainSetup(module=task, optimizer=opt, scheduler=None, batches=_box_batches,
+                       epoch_images=lambda e, s: 3 * (4 - s), validate=validate, metric=task.selection_metric)
+    meta = ckpt.describe(task, model={"backbone": "none", "pretrained": "none", "task": task.name}, classes=[],
+                         preprocessing={"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return task, Trainer(run_dir, epochs=3, meta=meta, device=torch.device("cpu")).run(setup, resume=resume)
+
+
+def test_trainer_takes_lists_of_images_with_per_image_targets_and_the_task_s_metric(tmp_path, monkeypatch):
+    """What a detector will need: variable-size images, per-image targets moved along, selection by the task's metric."""
+    full_task, full = _box_run(tmp_path / "a")
+    assert full.epochs_run == 3 and not full.interrupted
+    rows = full.history
+    best = max(range(3), key=lambda i: rows[i]["val_score"])
+    assert full.best_epoch == best + 1 and full.best_metric == rows[best]["val_score"]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    interrupt_after(monkeypatch, epoch_call=2, steps=2)
+    _, first = _box_run(tmp_path / "b")
+    assert first.interrupted
+    monkeypatch.undo()
+    resumed_task, resumed = _box_run(tmp_path / "b", resume=True)
+    assert resumed.epochs_run == 3
+    assert_same_state(full_task.state_dict(), resumed_task.state_dict())

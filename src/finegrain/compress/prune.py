@@ -69,6 +69,7 @@ def prune_checkpoint(checkpoint: str | Path, out: str | Path, *, ratio: float, d
     if epochs > 0 and not data:
         raise ValueError("fine-tuning after pruning needs --data (the training images); or pass --epochs 0")
     dev = resolve_device(device)
+    checkpoint = ckpt.resolve_checkpoint(checkpoint)
     task, meta = ckpt.load_task(checkpoint, dev)
     before = sum(p.numel() for p in task.parameters())
     structure = prune_task(task, ratio, img_size=meta.preprocessing["img_size"])

@@ -130,7 +130,7 @@ def fit_episodic(
                                      episodes=val_episodes, classes=splits["val"], class_names=images.classes, seed=seed + 1,
                                      device=dev, workers=workers)
     setup = TrainSetup(module=task, optimizer=opt, scheduler=sched, batches=batches, epoch_images=epoch_images,
-                       validate=validate, metric="val_acc", step=StepConfig(amp=False),
+                       validate=validate, metric=cls.selection_metric, step=StepConfig(amp=False),
                        on_epoch_start=lambda epoch: setattr(seeded, "epoch", epoch))
     model_cfg = ModelConfig(backbone=backbone, pretrained=pretrained, task=task.name, options=options)
     meta = ckpt.describe(task, model=dataclasses.asdict(model_cfg), classes=[f"way_{i}" for i in range(task.num_classes)],

@@ -87,6 +87,10 @@ class Task(nn.Module):
     """How the task is trained: "supervised" (``finegrain train``, batches of labelled images) or
     "episodic" (``finegrain fewshot train``, one episode per batch)."""
 
+    selection_metric: ClassVar[str] = "val_top1"
+    """The validation metric (higher is better) that picks a run's ``best.safetensors``: top-1 for
+    classifiers, episode accuracy (``val_acc``) for few-shot methods; a detector would name mAP."""
+
     checkpoint_args: ClassVar[tuple[str, ...]] = ()
     """Constructor arguments that name another checkpoint (distillation's ``teacher``): the code
     that builds the task opens each and passes a :class:`LoadedCheckpoint`; ``task_args()``

@@ -80,6 +80,7 @@ class EpisodicTask(Task):
     method = "base"
     episodic = True  # trained on episodes (False: on ordinary batches)
     trainer = "episodic"
+    selection_metric = "val_acc"
 
     def __init__(self, model: nn.Module, num_classes: int, *, n_way: int = 5, k_shot: int = 1, label_smoothing: float = 0.0):
         super().__init__(model, num_classes, label_smoothing=label_smoothing)

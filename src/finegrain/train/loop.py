@@ -39,8 +39,14 @@ def autocast(device: torch.device, enabled: bool, *, cpu: bool = False):
     return contextlib.nullcontext()
 
 
-def to_device(images: torch.Tensor, device: torch.device, channels_last: bool, normalize=None) -> torch.Tensor:
-    """Copy a batch to ``device``; uint8 batches (decoded cache) are normalised there with ``normalize=(mean, std)``."""
+def to_device(images, device: torch.device, channels_last: bool, normalize=None):
+    """Copy a batch to ``device``; uint8 batches (decoded cache) are normalised there with ``normalize=(mean, std)``.
+
+    ``images`` is a tensor ``[B, 3, H, W]`` or a list of ``[3, H, W]`` tensors of different sizes
+    (detection batches); each goes to the device the same way.
+    """
+    if isinstance(images, (list, tuple)):
+        return [to_device(im[None], device, channels_last, normalize)[0] for im in images]
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         if normalize is None:
@@ -49,8 +55,14 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool, n
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-ANNOTATION_KEYS = ("box", "parts")
-"""Batch keys the loop passes on to the task's forward as they are (see ``ImageDataset(annotations=...)``)."""
+ANNOTATION_KEYS = ("box", "parts", "targets")
+"""Batch keys the loop passes on to the task's forward as they are (see ``ImageDataset(annotations=...)``):
+per-batch tensors (``box``, ``parts``) or, for tasks whose batches are lists of images, ``targets``:
+one dict of tensors per image (e.g. ``{"boxes", "labels", "masks"}``), moved to the device here."""
+
+
+def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
 
 def train_one_epoch(
@@ -73,7 +85,10 @@ def train_one_epoch(
     """Train ``task`` for one pass over ``loader``.
 
     Loss and accuracy are summed on the device and read once at the end (no per-step host
-    sync), except when ``on_step`` asks for progress every few steps.
+    sync), except when ``on_step`` asks for progress every few steps. A batch is a dict with
+    ``image`` (a tensor, or a list of tensors of different sizes) and ``label`` and/or
+    per-image ``targets``; the task's forward returns at least ``loss`` (``logits`` too for
+    classifiers, which the accuracy is computed from).
 
     Returns:
         dict with ``loss``, ``acc`` (percent, against the un-mixed labels), ``images``,
@@ -91,24 +106,27 @@ def train_one_epoch(
         if batch["image"] is None:
             continue
         images = to_device(batch["image"], device, channels_last, normalize)
-        labels = batch["label"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True) if batch.get("label") is not None else None
         target = labels
-        if mixer is not None and mixer.active:
+        if mixer is not None and mixer.active and torch.is_tensor(images):
             images, target = mixer(images, labels)
+        extra = {k: batch[k] for k in ANNOTATION_KEYS if k in batch}
+        if "targets" in extra:
+            extra["targets"] = _targets_to(extra["targets"], device)
         # Between optimizer steps a DistributedDataParallel model skips the gradient all-reduce.
         accumulating = (i + 1) % accum_steps != 0 and hasattr(forward, "no_sync")
         with forward.no_sync() if accumulating else contextlib.nullcontext():
             with autocast(device, amp, cpu=True):
-                out = forward({"image": images, "label": labels, "target": target,
-                               **{k: batch[k] for k in ANNOTATION_KEYS if k in batch}})
+                out = forward({"image": images, "label": labels, "target": target, **extra})
             (out["loss"] / accum_steps).backward()
         if (i + 1) % accum_steps == 0:
             step += 1
             _optimizer_step(task, optimizer, scheduler, clip_grad, ema)
-        n = labels.shape[0]
+        n = len(images)
         seen += n
         loss_sum += out["loss"].detach() * n
-        correct += (out["logits"].detach().argmax(1) == labels).sum()
+        if labels is not None and "logits" in out:  # a classifier's accuracy; other tasks report their loss only
+            correct += (out["logits"].detach().argmax(1) == labels).sum()
         if on_step is not None:
             on_step(n, {"loss": loss_sum, "correct": correct, "seen": seen})
     if seen and (i + 1) % accum_steps != 0:  # flush a partial accumulation at the end of the epoch

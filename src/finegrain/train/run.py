@@ -139,7 +139,7 @@ def _setup(plan: Plan, task, images: ImageList, train_idx: list[int], val_idx: l
     return TrainSetup(
         module=task, optimizer=optimizer, scheduler=scheduler, batches=batches, epoch_images=epoch_images,
         validate=functools.partial(_validate, val_set=val_set, plan=plan) if len(val_set) else None,
-        metric="val_top1", forward=_forward(plan, task), ema=ema,
+        metric=plan.task_cls.selection_metric, forward=_forward(plan, task), ema=ema,
         mixer=BatchMixer(len(images.classes), cutmix=cfg.data.cutmix, mixup=cfg.data.mixup, prob=cfg.data.mix_prob),
         step=StepConfig(accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad, amp=cfg.train.amp,
                         channels_last=cfg.train.channels_last, normalize=(prep["mean"], prep["std"])),

@@ -60,7 +60,8 @@ def prune_checkpoint(checkpoint: str | Path, out: str | Path, *, ratio: float, d
     """
     from finegrain import checkpoint as ckpt
     from finegrain.data.base import open_dataset
-    from finegrain.train.finetune import finetune, open_job
+    from finegrain.train.finetune import finetune
+    from finegrain.train.trainer import open_job
     from finegrain.utils import resolve_device
 
     out = Path(out)

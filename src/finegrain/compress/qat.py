@@ -501,7 +501,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     start = time.perf_counter()
     run_dir = out.with_name(stem + ".qat-finetune")
     if epochs > 0:
-        from finegrain.train.finetune import open_job
+        from finegrain.train.trainer import open_job
 
         resume = open_job(run_dir, {"checkpoint": str(ckpt), "data": str(data), "epochs": epochs, "lr": lr, "batch_size": batch_size,
                                     "calib_images": calib_images, "max_train_images": max_train_images}, resume=resume)

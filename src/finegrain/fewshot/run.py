@@ -27,10 +27,9 @@ from finegrain.fewshot.sampler import SPLITS, EpisodeCollate, EpisodicSampler, s
 from finegrain.models.backbone import create_backbone, data_config
 from finegrain.tasks import resolve_options
 from finegrain.tasks.fewshot import EpisodicTask, build_method, fewshot_method
-from finegrain.train.finetune import open_job
 from finegrain.train.logger import RunLogger
 from finegrain.train.optim import build_optimizer, build_scheduler
-from finegrain.train.trainer import StepConfig, Trainer, TrainSetup
+from finegrain.train.trainer import StepConfig, Trainer, TrainSetup, open_job
 from finegrain.utils import resolve_device
 
 

@@ -1,15 +1,13 @@
 """Short fine-tunes of an already trained module (after pruning, for QAT) through the one :class:`Trainer`.
 
 A fine-tune is a run folder like any other (``last.safetensors``, ``last.state.pt``,
-``metrics.jsonl``), so an interrupted one resumes exactly: :func:`open_job` keeps the arguments
-of the job in ``job.json`` and refuses a resume with other arguments.
+``metrics.jsonl``), so an interrupted one resumes exactly; its callers keep their arguments in the
+folder with :func:`finegrain.train.trainer.open_job`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -22,32 +20,6 @@ from finegrain.data.sampler import EpochSampler, SeededItems
 from finegrain.data.transforms import train_transform
 from finegrain.train.logger import RunLogger
 from finegrain.train.trainer import StepConfig, Trainer, TrainResult, TrainSetup
-
-
-def open_job(run_dir: Path, args: dict[str, Any], *, resume: bool) -> bool:
-    """Prepare ``run_dir`` for a job with ``args``; return whether it continues an earlier one.
-
-    A new job refuses a folder that already holds one (pass ``resume``); a resumed one must have
-    the same arguments (they decide the batches and the schedule).
-    """
-    run_dir = Path(run_dir)
-    job = run_dir / "job.json"
-    started = (run_dir / "last.safetensors").is_file()
-    if started and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run: add --resume to continue it, or choose another folder")
-    if resume and not started:
-        raise FileNotFoundError(f"--resume: {run_dir} holds no fine-tune to continue (no last.safetensors)")
-    args = json.loads(json.dumps(args))  # as it would be read back
-    if started:
-        saved = json.loads(job.read_text())
-        diff = sorted(k for k in set(saved) | set(args) if saved.get(k) != args.get(k))
-        if diff:
-            raise ValueError(f"--resume: {run_dir} was started with other arguments ({', '.join(diff)}); "
-                             f"give the same ones: {json.dumps({k: saved.get(k) for k in diff})}")
-        return True
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write(job, lambda tmp: Path(tmp).write_text(json.dumps(args, indent=1)))
-    return False
 
 
 def finetune(module: nn.Module, images: ImageList, prep: dict, run_dir: Path, meta: ckpt.CheckpointMeta, *, epochs: int,

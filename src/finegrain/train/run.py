@@ -51,12 +51,22 @@ class RunResult:
 
 def build_task_from_config(cfg: RunConfig, num_classes: int, *, pretrained: str | None = None):
     """The backbone and task a run config describes (``pretrained`` overrides the config's)."""
+    cfg.model.check()
+    model = build_backbone(cfg, num_classes, pretrained=pretrained)
+    return build_task(cfg, model, num_classes, preprocessing(cfg, model))
+
+
+def build_backbone(cfg: RunConfig, num_classes: int, *, pretrained: str | None = None):
+    """The config's timm backbone with ``num_classes`` outputs and its pretrained weights (``pretrained`` overrides)."""
     m = cfg.model
-    m.check()
-    model = create_backbone(m.backbone, num_classes=num_classes, pretrained=m.pretrained if pretrained is None else pretrained,
-                            drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
-    context = BuildContext(label_smoothing=cfg.train.label_smoothing, drop_rate=m.drop_rate,
-                           preprocessing=preprocessing(cfg, model))
+    return create_backbone(m.backbone, num_classes=num_classes, pretrained=m.pretrained if pretrained is None else pretrained,
+                           drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+
+
+def build_task(cfg: RunConfig, model, num_classes: int, prep: dict):
+    """The config's task around ``model``, from its options and what it takes from the run (``Task.build_args``)."""
+    m = cfg.model
+    context = BuildContext(label_smoothing=cfg.train.label_smoothing, drop_rate=m.drop_rate, preprocessing=prep)
     return ckpt.build_task(m.task, model, num_classes, TASKS.get(m.task).build_args(m.options, context))
 
 
@@ -102,8 +112,9 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
     train_idx, val_idx = _split(run_dir, images, plan)
     if plan.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    task = build_task_from_config(cfg, len(images.classes), pretrained="none" if cfg.train.resume else None)
-    plan = plan.with_model(task.model)
+    model = build_backbone(cfg, len(images.classes), pretrained="none" if cfg.train.resume else None)
+    plan = plan.with_model(model)
+    task = build_task(cfg, model, len(images.classes), plan.preprocessing)
     meta = ckpt.describe(task, model=dataclasses.asdict(cfg.model), classes=images.classes, preprocessing=plan.preprocessing,
                          config=cfg.to_dict())
     setup = _setup(plan, task, images, train_idx, val_idx)

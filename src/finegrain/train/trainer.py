@@ -20,6 +20,7 @@ In a distributed run only rank 0 writes; training metrics are summed across rank
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import signal
 from collections.abc import Callable, Iterable, Sequence
@@ -260,6 +261,32 @@ class Trainer:
         (self.run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{e}\n" for p, e in sorted(self.skipped.items())))
         if final:
             console.print(f"[yellow]{len(self.skipped)} unreadable images were skipped; list in {self.run_dir / 'skipped_images.txt'}")
+
+
+def open_job(run_dir: Path, args: dict[str, Any], *, resume: bool) -> bool:
+    """Prepare ``run_dir`` for a job with ``args``; return whether it continues an earlier one.
+
+    A new job refuses a folder that already holds one (pass ``resume``); a resumed one must have
+    the same arguments (they decide the batches and the schedule).
+    """
+    run_dir = Path(run_dir)
+    job = run_dir / "job.json"
+    started = (run_dir / "last.safetensors").is_file()
+    if started and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run: add --resume to continue it, or choose another folder")
+    if resume and not started:
+        raise FileNotFoundError(f"--resume: {run_dir} holds no fine-tune to continue (no last.safetensors)")
+    args = json.loads(json.dumps(args))  # as it would be read back
+    if started:
+        saved = json.loads(job.read_text())
+        diff = sorted(k for k in set(saved) | set(args) if saved.get(k) != args.get(k))
+        if diff:
+            raise ValueError(f"--resume: {run_dir} was started with other arguments ({', '.join(diff)}); "
+                             f"give the same ones: {json.dumps({k: saved.get(k) for k in diff})}")
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write(job, lambda tmp: Path(tmp).write_text(json.dumps(args, indent=1)))
+    return False
 
 
 def print_epoch(row: dict, metric: str = "val_top1") -> None:

@@ -16,7 +16,16 @@ import types
 import typing
 from pathlib import Path
 
-from finegrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig, cli_fields, option_flags, options_from_flags
+from finegrain.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    cli_fields,
+    option_flags,
+    options_from_flags,
+    task_choice,
+)
 
 _COMMAND_MODULES = (
     "finegrain.demo",
@@ -77,8 +86,8 @@ def add_option_flags(parser: argparse.ArgumentParser, trainer: str = "supervised
             continue
         task, f = owners[0]
         tp = _base_type(typing.get_type_hints(TASKS.get(task).Options)[f.name])
-        tasks = sorted({t for t, _ in owners})
-        _add_flag(group, f"--{flag}", f"option.{flag}", tp, f, f"{f.metadata.get('help', '')} (--task {' / '.join(tasks)})")
+        tasks = " / ".join(sorted({task_choice(t) for t, _ in owners}))
+        _add_flag(group, f"--{flag}", f"option.{flag}", tp, f, f"{f.metadata.get('help', '')} ({tasks})")
 
 
 def given_options(args: argparse.Namespace) -> dict:

@@ -199,6 +199,14 @@ def option_flags() -> dict[str, list[tuple[str, dataclasses.Field]]]:
     return flags
 
 
+def task_choice(task: str) -> str:
+    """How a user picks ``task`` on the command line: ``--task wsdan``, or ``--method maml`` for the few-shot methods."""
+    from finegrain.tasks import TASKS
+
+    cls = TASKS.get(task)
+    return f"--method {cls.method}" if cls.trainer == "episodic" else f"--task {task}"
+
+
 def options_from_flags(task: str, given: dict[str, Any]) -> dict[str, Any]:
     """The options of ``task`` from ``{flag: value}`` (flags without ``--``, with ``-`` or ``_``).
 
@@ -214,8 +222,8 @@ def options_from_flags(task: str, given: dict[str, Any]) -> dict[str, Any]:
         mine = [f for t, f in owners if t == task]
         if not mine:
             tasks = sorted({t for t, _ in owners})
-            raise ValueError(f"--{flag} only applies to {' or '.join(f'--task {t}' for t in tasks)} (got --task {task}); "
-                             f"add --task {tasks[0]}, or drop --{flag}")
+            raise ValueError(f"--{flag} only applies to {' or '.join(task_choice(t) for t in tasks)} (got {task_choice(task)}); "
+                             f"add {task_choice(tasks[0])}, or drop --{flag}")
         out[mine[0].name] = value
     return out
 

@@ -9,7 +9,8 @@ derived checkpoint (what it was pruned, QAT-tuned, enrolled or distilled from).
 The API is small: :func:`describe` (metadata of a new task), :func:`derive` (metadata of a
 checkpoint made from another one), :func:`save`, :func:`read_meta`, :func:`load` (weights and
 metadata) and :func:`load_task` (the task, rebuilt and loaded). The optimizer, scheduler and RNG
-state needed to resume sit beside ``last.safetensors`` in ``last.state.pt``.
+state needed to resume sit beside ``last.safetensors`` in ``last.state.pt``, read back with
+``torch.load(weights_only=True)`` (tensors, numbers and containers only).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -287,7 +289,12 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no resume state at {path}; resume needs a run folder with last.state.pt")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors, numbers, strings and containers only: a pickle naming any other global is refused, not run
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ValueError(f"{path} is truncated or corrupt and cannot be resumed: {e}") from e
+        raise ValueError(f"{path} holds objects other than tensors and numbers (not written by finegrain?); it was not "
+                         f"loaded and nothing in it ran. Delete it to start the run over, or resume from a copy you trust: {e}") from e
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path} is truncated or corrupt and cannot be resumed: {e}") from e

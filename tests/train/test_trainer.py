@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +227,27 @@ def test_trainer_takes_lists_of_images_with_per_image_targets_and_the_task_s_met
     resumed_task, resumed = _box_run(tmp_path / "b", resume=True)
     assert resumed.epochs_run == 3
     assert_same_state(full_task.state_dict(), resumed_task.state_dict())
+
+
+class _Planted:
+    """A pickle that would create a file when unpickled with arbitrary globals."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_refuses_a_planted_pickle_and_runs_nothing(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, tmp_path, epochs=2)
+    first = fit(cfg, max_epochs=1)
+    state = first.run_dir / "last.state.pt"
+    real = torch.load(state, weights_only=True)  # what finegrain writes loads without arbitrary globals
+    assert real["epoch"] == 1 and isinstance(real["rng"]["numpy"][1], torch.Tensor)
+    marker = tmp_path / "ran.txt"
+    torch.save({**real, "payload": _Planted(marker)}, state)
+    cfg.train.resume = str(first.run_dir)
+    with pytest.raises(ValueError, match="other than tensors and numbers.*nothing in it ran"):
+        fit(cfg)
+    assert not marker.exists()

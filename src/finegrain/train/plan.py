@@ -18,7 +18,7 @@ from torch import nn
 from finegrain.config import RunConfig
 from finegrain.data.transforms import AUGMENTS
 from finegrain.models.backbone import data_config
-from finegrain.tasks import TASKS, Task, TaskOptions
+from finegrain.tasks import TASKS, Task
 from finegrain.train.distributed import World
 
 
@@ -29,7 +29,7 @@ class Plan:
     Attributes:
         cfg: the checked config.
         world, device: this process's rank and device.
-        task_cls, options: the task and its options object.
+        task_cls: the task class (its options are ``cfg.model.options``).
         annotations: what the task trains with ("boxes", "parts"); the batches carry them.
         pipeline: "cpu" or "device" (``--pipeline auto`` resolved).
         global_batch: images per optimizer step over all ranks (batch x ranks x accumulation).
@@ -41,7 +41,6 @@ class Plan:
     world: World
     device: torch.device
     task_cls: type[Task]
-    options: TaskOptions
     annotations: tuple[str, ...]
     pipeline: str
     global_batch: int
@@ -70,7 +69,7 @@ def make_plan(cfg: RunConfig, world: World, device: torch.device) -> Plan:
                          f"`finegrain fewshot train --method {getattr(task_cls, 'method', cfg.model.task)}`")
     annotations = tuple(task_cls.annotations)
     global_batch = cfg.data.batch_size * world.size * cfg.train.accum_steps
-    return Plan(cfg=cfg, world=world, device=device, task_cls=task_cls, options=cfg.model.options,
+    return Plan(cfg=cfg, world=world, device=device, task_cls=task_cls,
                 annotations=annotations, pipeline=resolve_pipeline(cfg.data.pipeline, cfg.data.augment, device, annotations),
                 global_batch=global_batch, lr=cfg.train.lr * global_batch / 32)
 

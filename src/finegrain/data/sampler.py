@@ -7,8 +7,10 @@ uninterrupted process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finegrain.train.distributed import World, shard
 
@@ -58,3 +60,28 @@ class SeededItems(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**62)
             return self.dataset[i]
+
+
+def epoch_batches(dataset: Dataset, *, seed: int, batch_size: int, workers: int, collate_fn: Callable,
+                  world: World = World(), weights: torch.Tensor | None = None, pin_memory: bool = False,
+                  wrap: Callable | None = None):
+    """Loaders for a trainer: ``(batches(epoch, start_step), epoch_images(epoch, start_step), seeded dataset)``.
+
+    Each epoch's order is an :class:`EpochSampler` (this rank's share, from ``start_step`` on) and
+    each item's augmentation is seeded by :class:`SeededItems` (set its ``epoch`` before drawing),
+    so the batches of a resumed run are those of an uninterrupted one. ``wrap`` turns the
+    DataLoader into what the loop reads (the device prefetcher).
+    """
+    seeded, n = SeededItems(dataset, seed), len(dataset)
+
+    def sampler(epoch: int, start_step: int) -> EpochSampler:
+        return EpochSampler(n, seed, epoch, min(start_step * batch_size * world.size, n), world=world, weights=weights)
+
+    def batches(epoch: int, start_step: int):
+        s = sampler(epoch, start_step)
+        loader = DataLoader(seeded, batch_size=batch_size, sampler=s, num_workers=workers, collate_fn=collate_fn,
+                            pin_memory=pin_memory, drop_last=len(s) > batch_size,
+                            generator=torch.Generator().manual_seed(seed * 31 + epoch))
+        return wrap(loader) if wrap is not None else loader
+
+    return batches, lambda epoch, start_step: len(sampler(epoch, start_step)), seeded

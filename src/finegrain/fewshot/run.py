@@ -20,7 +20,7 @@ from finegrain import checkpoint as ckpt
 from finegrain.config import ModelConfig, TrainConfig
 from finegrain.data.base import ImageList, open_dataset
 from finegrain.data.dataset import ImageDataset, collate
-from finegrain.data.sampler import EpochSampler, SeededItems
+from finegrain.data.sampler import SeededItems, epoch_batches
 from finegrain.data.transforms import eval_transform, train_transform
 from finegrain.fewshot.evaluate import compute_features, evaluate_episodes
 from finegrain.fewshot.sampler import SPLITS, EpisodeCollate, EpisodicSampler, split_classes
@@ -165,15 +165,7 @@ def _base_batches(images: ImageList, splits: dict, prep: dict, *, batch_size: in
     base = ImageList([images.paths[i] for i in pick], [base_index[images.labels[i]] for i in pick],
                      [images.classes[c] for c in splits["base"]], source=images.source)
     t_train = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
-    seeded = SeededItems(ImageDataset(base, t_train), seed)
-    n = len(base)
-
-    def batches(epoch: int, start: int):
-        sampler = EpochSampler(n, seed, epoch, min(start * batch_size, n))
-        return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                          drop_last=len(sampler) > batch_size)
-
-    return batches, lambda epoch, start: n - min(start * batch_size, n), seeded
+    return epoch_batches(ImageDataset(base, t_train), seed=seed, batch_size=batch_size, workers=workers, collate_fn=collate)
 
 
 def _validate(task, *, val: ImageList, prep: dict, workers: int, device, **episodes) -> dict:

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from finegrain import checkpoint as ckpt
 from finegrain.data.base import ImageList
 from finegrain.data.dataset import ImageDataset, collate
-from finegrain.data.sampler import EpochSampler, SeededItems
+from finegrain.data.sampler import epoch_batches
 from finegrain.data.transforms import train_transform
 from finegrain.train.logger import RunLogger
 from finegrain.train.trainer import StepConfig, Trainer, TrainResult, TrainSetup
@@ -34,20 +33,15 @@ def finetune(module: nn.Module, images: ImageList, prep: dict, run_dir: Path, me
     """
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     t = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
-    data = SeededItems(ImageDataset(images, t), seed)
-    n = len(images)
-    steps = max(1, n // batch_size)
+    batches, epoch_images, data = epoch_batches(ImageDataset(images, t), seed=seed, batch_size=batch_size, workers=workers,
+                                                collate_fn=collate)
+    steps = max(1, len(images) // batch_size)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps))
 
-    def batches(epoch: int, start_step: int):
-        sampler = EpochSampler(n, seed, epoch, min(start_step * batch_size, n))
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                          drop_last=len(sampler) > batch_size)
-
     setup = TrainSetup(module=module, optimizer=optimizer, scheduler=scheduler, batches=batches,
-                       epoch_images=lambda epoch, start: n - min(start * batch_size, n), validate=None,
+                       epoch_images=epoch_images, validate=None,
                        step=StepConfig(amp=amp), on_epoch_start=lambda epoch: setattr(data, "epoch", epoch))
     trainer = Trainer(run_dir, epochs=epochs, meta=meta, device=device, seed=seed, logger=RunLogger(run_dir),
                       save_best=save_best, label=label)

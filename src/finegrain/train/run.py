@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader
 
 from finegrain import checkpoint as ckpt
 from finegrain.config import RunConfig
@@ -20,7 +19,7 @@ from finegrain.data.base import ImageList, open_dataset
 from finegrain.data.cache import CachedImageDataset, open_or_build_cache
 from finegrain.data.dataset import ImageDataset, check_annotations, collate
 from finegrain.data.device import DeviceAugment, DevicePrefetcher, EncodedImageDataset, collate_device, device_batch, eval_batches
-from finegrain.data.sampler import EpochSampler, SeededItems
+from finegrain.data.sampler import epoch_batches
 from finegrain.data.split import load_split, save_split, stratified_split
 from finegrain.data.transforms import AUGMENTS, BatchMixer, eval_transform, train_transform
 from finegrain.models.backbone import create_backbone
@@ -172,22 +171,11 @@ def _forward(plan: Plan, task):
 
 def _train_batches(plan: Plan, images: ImageList, train_idx: list[int], weights):
     """``(batches(epoch, start_step), epoch_images(epoch, start_step), the seeded dataset)`` of the training split."""
-    cfg, world, device = plan.cfg, plan.world, plan.device
     data, collate_fn, prepare = build_train_data(plan, images, train_idx)
-    seeded = SeededItems(data, cfg.train.seed)
-    bs, n = cfg.data.batch_size, len(train_idx)
-
-    def sampler(epoch: int, start_step: int) -> EpochSampler:
-        return EpochSampler(n, cfg.train.seed, epoch, min(start_step * bs * world.size, n), world=world, weights=weights)
-
-    def batches(epoch: int, start_step: int):
-        s = sampler(epoch, start_step)
-        loader = DataLoader(seeded, batch_size=bs, sampler=s, num_workers=cfg.data.workers, collate_fn=collate_fn,
-                            pin_memory=device.type == "cuda", drop_last=len(s) > bs,
-                            generator=torch.Generator().manual_seed(cfg.train.seed * 31 + epoch))
-        return DevicePrefetcher(loader, device, prepare) if prepare is not None else loader
-
-    return batches, lambda epoch, start_step: len(sampler(epoch, start_step)), seeded
+    wrap = (lambda loader: DevicePrefetcher(loader, plan.device, prepare)) if prepare is not None else None
+    return epoch_batches(data, seed=plan.cfg.train.seed, batch_size=plan.cfg.data.batch_size, workers=plan.cfg.data.workers,
+                         collate_fn=collate_fn, world=plan.world, weights=weights, pin_memory=plan.device.type == "cuda",
+                         wrap=wrap)
 
 
 def _keep(img):

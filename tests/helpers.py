@@ -341,3 +341,37 @@ def _train_step_and_roundtrip(backbone, task_name, tmp_path, size=64, **kw):
     rebuilt, _ = load_task(path, "cpu")
     torch.testing.assert_close(rebuilt.predict(images), expected)
     return task, out
+
+
+# ------------------------------------------------------ a tiny checkpoint of every registered task
+
+
+def task_checkpoint(path: Path, task_name: str, classes: list[str], *, size: int = 64, teacher: Path | None = None) -> Path:
+    """A random-init checkpoint of ``task_name`` (any registered task), described as training would.
+
+    ``transfg`` gets ``test_vit``, every other task ``test_resnet``; ``distill`` needs ``teacher``
+    (a classifier checkpoint with the same classes). Few-shot tasks are 3-way 1-shot.
+    """
+    from finegrain import checkpoint as ckpt
+    from finegrain.tasks import TASKS, BuildContext
+    from finegrain.tasks.fewshot import build_method
+
+    cls = TASKS.get(task_name)
+    backbone = "test_vit" if task_name == "transfg" else "test_resnet"
+    prep = {**PREP, "img_size": size}
+    options = cls.Options(teacher=str(teacher)) if task_name == "distill" else cls.Options()
+    args = cls.build_args(options, BuildContext(preprocessing=prep))
+    torch.manual_seed(0)
+    model = create_backbone(backbone, num_classes=len(classes), pretrained="none")
+    if cls.trainer == "episodic":
+        args.pop("label_smoothing", None)
+        task = build_method(cls.method, model, n_way=len(classes), k_shot=1, **args)
+        classes = [f"way_{i}" for i in range(task.num_classes)]
+    else:
+        task = ckpt.build_task(task_name, model, len(classes), args)
+    with torch.no_grad():  # off the initial state, so that heads and attention are not all zero
+        for p in task.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model_cfg = dataclasses.asdict(ModelConfig(backbone=backbone, pretrained="none", task=task_name, options=options))
+    meta = ckpt.describe(task, model=model_cfg, classes=classes, preprocessing=prep, epoch=1, metrics={})
+    return save(path, task.state_dict(), meta)

@@ -12,7 +12,7 @@ from finegrain.checkpoint import load_task
 from finegrain.data.base import IMAGE_EXTENSIONS
 from finegrain.data.dataset import load_rgb
 from finegrain.data.transforms import eval_transform
-from finegrain.tasks import Task
+from finegrain.tasks import Task, require_classifier
 from finegrain.utils import resolve_device
 
 
@@ -38,6 +38,7 @@ class Predictor:
     """
 
     def __init__(self, task: Task, meta: dict, *, device: torch.device, batch_size: int = 32, tta_flip: bool = False):
+        require_classifier(task, "this command")
         self.task, self.meta, self.device = task, meta, device
         self.classes: list[str] = list(meta["classes"])
         p = meta["preprocessing"]

@@ -82,9 +82,33 @@ def test_device_augment_output_and_flip():
     out = aug(imgs, sizes)
     assert out.shape == (2, 3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert out.min() >= -2.0 - 1e-5 and out.max() <= 2.0 + 1e-5  # (x - 0.5) / 0.25 for x in [0, 1]
-    # eval mode is deterministic: resize + center crop, never flipped
-    ev = DeviceAugment(32, train=False, mean=(0,) * 3, std=(1 / 255,) * 3)
-    assert torch.equal(ev(imgs, sizes), ev(imgs, sizes))
+
+
+def test_device_augment_flips_about_half_the_images_left_to_right(monkeypatch):
+    """With the crop fixed to the whole image and no jitter, each output is the resized image or its mirror."""
+    monkeypatch.setattr(dev, "sample_crop_boxes", lambda h, w, scale: torch.stack(
+        [torch.zeros_like(h), torch.zeros_like(h), w, h], 1).float())
+    ramp = torch.linspace(0, 255, 32).expand(3, 32, 32).round().byte()  # dark left, bright right
+    imgs, sizes = pad_batch([ramp.clone() for _ in range(200)])
+    torch.manual_seed(0)
+    out = DeviceAugment(32, scale_min=1.0, jitter=0.0, mean=(0,) * 3, std=(1 / 255,) * 3)(imgs, sizes)
+    plain = ramp.float()
+    is_plain = [torch.allclose(o, plain, atol=1e-3) for o in out]
+    is_flipped = [torch.allclose(o, plain.flip(2), atol=1e-3) for o in out]
+    assert all(a != b for a, b in zip(is_plain, is_flipped))  # exactly one of the two, never anything else
+    assert 70 < sum(is_flipped) < 130  # p = 0.5: 200 draws, far outside +-30 happens with probability < 1e-4
+
+
+def test_device_augment_eval_mode_matches_the_cpu_eval_transform_and_never_flips():
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 90), torch.linspace(0, 1, 120), indexing="ij")
+    smooth = (torch.stack([xx, yy, (xx + yy) / 2]) * 255).round().byte()
+    pil = Image.fromarray(smooth.permute(1, 2, 0).numpy())
+    ref = eval_transform(48, mean=(0, 0, 0), std=(1, 1, 1), crop_pct=0.875)(pil) * 255
+    imgs, sizes = pad_batch([smooth] * 16)
+    torch.manual_seed(0)
+    out = DeviceAugment(48, train=False, crop_pct=0.875, mean=(0,) * 3, std=(1 / 255,) * 3)(imgs, sizes)
+    for o in out:  # all 16 the same un-flipped crop, within torchvision's half-pixel offset rounding
+        assert (o - ref).abs().mean() < 2.5
 
 
 def _jpeg(arr: np.ndarray, mode="RGB", fmt="JPEG") -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finegrain.models.backbone import create_backbone
 from finegrain.tasks import build_task
@@ -43,3 +44,44 @@ def test_attention_crop_and_drop_follow_the_map():
     torch.testing.assert_close(crop, torch.zeros_like(images))  # zoomed onto pixel (0, 0), value 0
     dropped = attention_drop(images + 1, peak, torch.tensor([0.9]))
     assert dropped[0, 0, 0, 0] == 0 and (dropped[0, 0].flatten()[1:] > 0).all()
+
+
+def _crop_by_slicing(images, maps, theta, padding_ratio):
+    """The crop as the WS-DAN authors write it: a box per image, sliced and resized on its own."""
+    b, _, hh, ww = images.shape
+    up = F.interpolate(maps.float(), size=(hh, ww), mode="bilinear", align_corners=True)[:, 0]
+    out = []
+    for i in range(b):
+        mask = up[i] >= theta[i] * up[i].max()
+        rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+        ph, pw = int(padding_ratio * hh), int(padding_ratio * ww)
+        r0, r1 = max(int(rows.min()) - ph, 0), min(int(rows.max()) + 1 + ph, hh)
+        c0, c1 = max(int(cols.min()) - pw, 0), min(int(cols.max()) + 1 + pw, ww)
+        out.append(F.interpolate(images[i : i + 1, :, r0:r1, c0:c1], size=(hh, ww), mode="bilinear", align_corners=True))
+    return torch.cat(out)
+
+
+def test_batched_attention_crop_equals_cropping_each_image_by_slicing():
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(5, 3, 40, 36, generator=g)
+    maps = torch.rand(5, 1, 7, 6, generator=g) ** 4  # peaked maps: boxes of different sizes and places
+    theta = torch.tensor([0.2, 0.5, 0.8, 1.0, 0.0])
+    torch.testing.assert_close(attention_crop(images, maps, theta, 0.1), _crop_by_slicing(images, maps, theta, 0.1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_center_update_moves_each_class_once_by_the_mean_of_its_images():
+    """Naive reference: for each class in the batch, ``c += beta (mean of its f - normalize(c))``."""
+    task = build_task("wsdan", create_backbone("test_resnet", num_classes=3, pretrained="none"), 3, num_parts=2,
+                      center_momentum=0.1)
+    g = torch.Generator().manual_seed(0)
+    task.feature_center.copy_(torch.randn(task.feature_center.shape, generator=g))
+    before = task.feature_center.clone()
+    feats = torch.randn(5, before.shape[1], generator=g)
+    labels = torch.tensor([2, 0, 2, 2, 0])  # class 1 absent: its centre must not move
+    task.update_centers(feats, labels, F.normalize(before[labels], dim=-1))
+    expected = before.clone()
+    for c in (0, 2):
+        mine = feats[labels == c]
+        expected[c] = before[c] + 0.1 * (mine.mean(0) - F.normalize(before[c], dim=0))
+    torch.testing.assert_close(task.feature_center, expected)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from finegrain.models.structure import STRUCT_ATTRS
+from finegrain.tasks import require_plain_classifier
 
 
 def _structure_diff(pruned: nn.Module, reference: nn.Module) -> dict[str, dict]:
@@ -72,6 +73,7 @@ def prune_checkpoint(checkpoint: str | Path, out: str | Path, *, ratio: float, d
     dev = resolve_device(device)
     checkpoint = ckpt.resolve_checkpoint(checkpoint)
     task, meta = ckpt.load_task(checkpoint, dev)
+    require_plain_classifier(task, "pruning", "it removes channels of the backbone's last features")
     before = sum(p.numel() for p in task.parameters())
     structure = prune_task(task, ratio, img_size=meta.preprocessing["img_size"])
     summary = {"ratio": ratio, "params_before": before, "params_after": sum(p.numel() for p in task.parameters()),

@@ -431,7 +431,8 @@ def qat_finetune(task: nn.Module, meta, data: str | Path, *, epochs: int = 1, lr
     # last.safetensors of this run holds the QatModel (fake-quant parametrizations): it is resume state, not a task checkpoint
     run_meta = ckpt.derive(meta, "qat-training", source, details={"weights": "QatModel (resume state only)"})
     r = finetune(qat, images, prep, Path(run_dir), run_meta, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers,
-                 device=dev, seed=seed, amp=False, resume=resume, save_best=False, label="QAT epoch")
+                 device=dev, seed=seed, amp=False, resume=resume, save_best=False, label="QAT epoch",
+                 annotations=tuple(task.annotations))
     if r.interrupted:
         raise KeyboardInterrupt(f"QAT fine-tune interrupted; continue it with --resume (run folder {run_dir})")
     return qat.eval(), r.history
@@ -510,8 +511,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
                                 resume=resume, source=ckpt)
     train_seconds = time.perf_counter() - start
     qat = qat.to("cpu").eval()
-    verify_root = Path(data) / "test" if (Path(data) / "test").is_dir() else Path(data) / "train"
-    verify = load_batch(original, sample_images(verify_root, verify_images, seed=1))
+    verify = load_batch(original, sample_images(data, verify_images, seed=1, splits=("test", "train")))
     simulated = qat.predict(verify).float().numpy()
     params_by_site = qat.activation_qparams()
     sites = qat.site_tensors(verify[:2])
@@ -536,7 +536,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
         "history": history, "activation_sites": len(params_by_site),
         "quantized_tensors": report.get("quantized_activations"), "qat_scaled_tensors": report.get("overridden"),
         "calibrated_tensors": report.get("calibrated"),
-        "verify_inputs": f"{len(verify)} real images from {verify_root}",
+        "verify_inputs": f"{len(verify)} real images from {data}",
         "verify": {"int8_vs_eager": compare_logits(eager, int8), "int8_vs_simulated": compare_logits(simulated, int8),
                    "simulated_vs_eager": compare_logits(eager, simulated)},
     }
@@ -554,8 +554,7 @@ def _quantize_with_qat_scales(fp32_path: Path, out: Path, original, data: str | 
         matches = match_onnx_tensors(prepared, sites, site_inputs)
         return _overrides_from_matches(prepared, matches, params_by_site)
 
-    calib = load_batch(original, sample_images(Path(data) / "train" if (Path(data) / "train").is_dir() else data,
-                                               calib_images, seed=0))
+    calib = load_batch(original, sample_images(data, calib_images, seed=0, splits=("train",)))
     report: dict[str, Any] = {}
     quantize_int8(fp32_path, out, calib, tensor_overrides=overrides, report=report)
     q = onnx.load(str(out))

@@ -82,10 +82,8 @@ def _cmd_quantize(args) -> int:
 
         out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + ".int8.onnx")
         stem = out.name[: -len(".onnx")].removesuffix(".int8") if out.suffix == ".onnx" else out.stem
-        s = export_checkpoint(ckpt, out.with_name(stem + ".onnx"), int8=True, calib_data=data / "train"
-                              if (data / "train").is_dir() else data, calib_images=args.calib_images,
-                              verify_data=data / "test" if (data / "test").is_dir() else data,
-                              verify_images=args.verify_images)
+        s = export_checkpoint(ckpt, out.with_name(stem + ".onnx"), int8=True, calib_data=data, calib_images=args.calib_images,
+                              verify_data=data, verify_images=args.verify_images)
         print(f"PTQ int8 model: {s['int8_path']} ({s['calibration_images']} calibration images)")
     for name, v in s["verify"].items():
         print(f"{name:<20} max abs diff {v['max_abs_diff']:.3g}  top-1 agreement {100 * v['top1_agreement']:.1f}%")

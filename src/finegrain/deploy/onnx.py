@@ -114,6 +114,9 @@ def export_onnx(task: nn.Module, meta: dict, path: str | Path, *, opset: int = 1
                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                 dynamic_shapes={"images": {0: batch}}, verbose=False)
     model = program.model_proto
+    if model.graph.input[0].type.tensor_type.shape.dim[0].dim_value:  # a number, not a symbol: batch was fixed
+        raise ValueError(f"the ONNX export of task {meta.get('task')} fixed the batch size (its predict has shapes that "
+                         "depend on the batch); export with --format torchscript, or report this as a bug")
     _set_metadata(model, export_metadata(meta, source))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,16 +177,36 @@ def _runner(path: Path):
     return run
 
 
-def sample_images(data: str | Path, n: int, *, seed: int = 0) -> list[Path]:
-    """Up to ``n`` image files under ``data`` (a file or folder, recursive), a seeded spread."""
+def sample_images(data: str | Path, n: int, *, seed: int = 0, splits: Sequence[str] = ()) -> list[Path]:
+    """Up to ``n`` image files of ``data``, a seeded spread.
+
+    With ``splits`` (e.g. ``("test", "train")``), a data set that a reader recognises gives the
+    images of the first of those splits it has (CUB's test images, not its whole folder); any
+    other file or folder gives every image under it (recursive).
+    """
     if not Path(data).exists():
         raise FileNotFoundError(f"image path {data} does not exist")
-    files = expand_images([data])
+    files = _split_files(data, splits) if splits else None
+    files = files if files else expand_images([data])
     if not files:
         raise FileNotFoundError(f"no images found under {data} (extensions: jpg, png, ...)")
     if n >= len(files):
         return files
     return sorted(random.Random(seed).sample(files, n))
+
+
+def _split_files(data: str | Path, splits: Sequence[str]) -> list[Path] | None:
+    """The files of the first of ``splits`` that ``data`` has as a data set; None when no reader reads it."""
+    from finegrain.data.base import open_dataset
+
+    for split in splits:
+        try:
+            images = open_dataset(data, split)
+        except (ValueError, FileNotFoundError):
+            continue
+        if len(images):
+            return [Path(p) for p in images.paths]
+    return None
 
 
 def load_batch(predictor: Predictor, files: Sequence[Path]) -> torch.Tensor:
@@ -328,7 +351,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, format: str = 
                                "export_seconds": round(time.perf_counter() - start, 2)}
     verify_data = verify_data if verify_data is not None else calib_data
     if verify_data is not None:
-        images = load_batch(predictor, sample_images(verify_data, verify_images, seed=1))
+        images = load_batch(predictor, sample_images(verify_data, verify_images, seed=1, splits=("test", "train")))
         summary["verify_inputs"] = f"{len(images)} real images from {verify_data}"
     else:
         size = predictor.meta["preprocessing"]["img_size"]
@@ -336,7 +359,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, format: str = 
         summary["verify_inputs"] = f"{verify_images} random inputs (pass --verify-data for real images)"
     summary["verify"] = {"fp32": verify_export(path, predictor, images)}
     if int8:
-        calib = load_batch(predictor, sample_images(calib_data, calib_images, seed=0))
+        calib = load_batch(predictor, sample_images(calib_data, calib_images, seed=0, splits=("train",)))
         q_path = path.with_name(path.stem + ".int8.onnx")
         start = time.perf_counter()
         quantize_int8(path, q_path, calib)

@@ -8,12 +8,14 @@ Implements
   * Attention rollout: "Quantifying Attention Flow in Transformers", Abnar & Zuidema,
     arXiv:2005.00928.
 
-All three work on a timm-contract model (``forward_features`` / ``forward_head``) and return one
-map per image at the model's input resolution (the eval crop), scaled to ``[0, 1]``.
+All three take a Task and explain its own logits (``Task.infer``, the numbers ``predict``
+returns), whatever the method on top of the backbone; each returns one map per image at the
+model's input resolution (the eval crop), scaled to ``[0, 1]``.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -65,44 +67,86 @@ def _patch_grid(model: nn.Module, image_hw: tuple[int, int], n_tokens: int) -> t
     return side, side
 
 
-def _features_and_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None):
-    """Last feature map ``A`` (grid form), ``dS/dA`` for the target class score ``S``, and the logits.
+class _FeatureTap:
+    """Context manager that turns the first feature map a task computes into a leaf with a gradient.
 
-    The gradient is taken only through ``forward_head``: the features are detached leaves, so
-    frozen or trainable backbones behave the same and no parameter gradients are stored.
+    The tapped output is ``task.model.forward_features`` (or the submodule named by the task's
+    ``cam_layer``, e.g. TransFG's token sequence before part selection). Only the first call is
+    tapped: for tasks that run the backbone again on crops (WS-DAN, RA-CNN, the part models),
+    that is the pass over the whole image. Replacing it by a detached leaf means no parameter
+    gradients are built or stored, whether the backbone is frozen or not.
     """
-    with torch.no_grad():
-        raw = model.forward_features(x)
-    raw = raw.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model.forward_head(raw)
+
+    def __init__(self, task: nn.Module):
+        self.task, self.first = task, None
+
+    def _take(self, out: torch.Tensor) -> torch.Tensor:
+        if self.first is not None:
+            return out
+        self.first = out.detach().requires_grad_(True)
+        return self.first
+
+    def __enter__(self) -> _FeatureTap:
+        layer = getattr(self.task, "cam_layer", None)
+        model = self.task.model
+        if layer:
+            self._hook = self.task.get_submodule(layer).register_forward_hook(lambda m, i, o: self._take(o))
+        else:
+            original = model.forward_features
+            self._hook = None
+            model.forward_features = lambda *a, **k: self._take(original(*a, **k))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        else:
+            del self.task.model.forward_features  # the instance attribute set above; the method shows again
+
+
+def _features_and_grads(task: nn.Module, x: torch.Tensor, target: torch.Tensor | None):
+    """Feature map ``A`` (grid form), ``dS/dA`` for the target class score ``S``, and the task's logits.
+
+    ``S`` is a logit of ``task.infer`` (the numbers ``predict`` returns), differentiated with
+    respect to the first feature map the task computes (see :class:`_FeatureTap`).
+    """
+    with _FeatureTap(task) as tap, torch.enable_grad():
+        logits = task.infer(x)
+        if tap.first is None:
+            raise ValueError(f"task {getattr(task, 'name', type(task).__name__)} computed no feature map to explain")
         cls = logits.argmax(1) if target is None else target.to(logits.device)
+        if int(cls.max()) >= logits.shape[1] or int(cls.min()) < 0:
+            raise ValueError(f"target class {int(cls.max())} out of range for {logits.shape[1]} classes")
         score = logits.gather(1, cls.view(-1, 1)).sum()  # samples are independent in eval mode
-        (grad,) = torch.autograd.grad(score, raw)
+        if not score.requires_grad:
+            raise ValueError("the class scores do not depend on the feature map; nothing to explain")
+        (grad,) = torch.autograd.grad(score, tap.first, allow_unused=True)
+    feats = tap.first.detach()
+    grad = torch.zeros_like(feats) if grad is None else grad
     hw = tuple(x.shape[-2:])
-    return _as_grid(model, raw.detach(), hw), _as_grid(model, grad, hw), logits.detach()
+    return _as_grid(task.model, feats, hw), _as_grid(task.model, grad, hw), logits.detach()
 
 
 @METHODS.register("gradcam")
-def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam(task: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM (arXiv:1610.02391): ReLU of the feature maps weighted by their mean gradient.
 
     Args:
-        model: timm-contract model in eval mode.
+        task: a Task in eval mode; its ``infer`` gives the class scores.
         x: input batch ``[B, 3, H, W]`` (already normalised).
         target: class index per image; None explains the predicted class.
 
     Returns:
         ``(maps [B, H, W] in [0, 1], logits [B, C])``.
     """
-    acts, grads, logits = _features_and_grads(model, x, target)
+    acts, grads, logits = _features_and_grads(task, x, target)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * acts).sum(1, keepdim=True))
     return _upsample(cam, x), logits
 
 
 @METHODS.register("gradcampp")
-def grad_cam_pp(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam_pp(task: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM++ (arXiv:1710.11063, eq. 19 with the exponential of the class score).
 
     Channel weights sum the positive gradients weighted by per-pixel coefficients
@@ -110,7 +154,7 @@ def grad_cam_pp(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None =
     than the largest one dominating as with a plain average. Same arguments and return value as
     :func:`grad_cam`.
     """
-    acts, grads, logits = _features_and_grads(model, x, target)
+    acts, grads, logits = _features_and_grads(task, x, target)
     g2, g3 = grads.pow(2), grads.pow(3)
     denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g3
     alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
@@ -155,11 +199,11 @@ class _AttentionRecorder:
 
 
 @METHODS.register("rollout")
-def attention_rollout(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, *,
+def attention_rollout(task: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, *,
                       head_fusion: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention rollout (arXiv:2005.00928) from the class token to the patches.
 
-    Each layer's head-fused attention gets the residual connection added (``0.5 A + 0.5 I``),
+    The logits are the task's own (``task.infer``). Each layer's head-fused attention gets the residual connection added (``0.5 A + 0.5 I``),
     rows are renormalised, and the layers are multiplied from first to last. The map is
     class-agnostic: ``target`` is accepted for a uniform signature and ignored.
 
@@ -172,14 +216,18 @@ def attention_rollout(model: nn.Module, x: torch.Tensor, target: torch.Tensor | 
     fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
     if head_fusion not in fuse:
         raise ValueError(f"head_fusion must be one of {sorted(fuse)}, got {head_fusion!r}")
+    model = task.model
     with _AttentionRecorder(model) as rec, torch.no_grad():
-        logits = model(x)
+        logits = task.infer(x)
     if not rec.maps:
         raise ValueError("no attention probabilities were recorded; is this a timm VisionTransformer?")
     n = rec.maps[0].shape[-1]
+    # The first pass over the image, while every layer sees all tokens (TransFG's last layer sees
+    # only the selected part tokens, and tasks that re-run the backbone on crops record more).
+    layers = list(itertools.takewhile(lambda a: a.shape[-1] == n, rec.maps[:len(rec.attns)]))
     eye = torch.eye(n, device=x.device)
     rollout = eye.expand(x.shape[0], n, n)
-    for attn in rec.maps:
+    for attn in layers:
         a = fuse[head_fusion](attn.float())
         a = 0.5 * a + 0.5 * eye
         a = a / a.sum(-1, keepdim=True)
@@ -199,16 +247,19 @@ def default_method(model: nn.Module) -> str:
     return "rollout" if is_vit else "gradcam"
 
 
-def explain_batch(model: nn.Module, x: torch.Tensor, *, method: str = "gradcam",
+def explain_batch(task: nn.Module, x: torch.Tensor, *, method: str = "gradcam",
                   target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps ``[B, H, W]`` and logits for a batch with the registered ``method``."""
+    """Maps ``[B, H, W]`` and the task's logits for a batch with the registered ``method``."""
+    from finegrain.tasks import require_classifier
+
+    require_classifier(task, "an explanation")
     fn = METHODS.get(method)
-    was_training = model.training
-    model.eval()
+    was_training = task.training
+    task.eval()
     try:
-        return fn(model, x, target)
+        return fn(task, x, target)
     finally:
-        model.train(was_training)
+        task.train(was_training)
 
 
 # ---------------------------------------------------------------- images in, maps and overlays out
@@ -247,8 +298,10 @@ def explain(predictor, images: Sequence[str | Path | Image.Image], *, method: st
         ValueError: an unknown method or target, or a model the method cannot handle.
 
     Note:
-        The maps explain the backbone's own ``forward_head`` on ``forward_features``; for tasks whose
-        ``predict`` adds something on top (e.g. attention cropping), they explain the backbone part.
+        Scores are the task's own logits (what ``predict`` returns). Grad-CAM differentiates them
+        with respect to the first feature map the task computes, the pass over the whole image;
+        for tasks that also classify crops (WS-DAN, RA-CNN, the part models) the crops' own
+        evidence reaches the map only through that first pass.
     """
     from finegrain.data.dataset import load_rgb
 
@@ -271,7 +324,7 @@ def explain(predictor, images: Sequence[str | Path | Image.Image], *, method: st
     for start in range(0, len(pil), bs):
         x = torch.stack([predictor.transform(im) for im in pil[start:start + bs]]).to(predictor.device)
         t = None if targets is None else torch.tensor(targets[start:start + bs], device=predictor.device)
-        maps, logits = explain_batch(model, x, method=method, target=t)
+        maps, logits = explain_batch(predictor.task, x, method=method, target=t)
         for m, c in zip(maps.cpu().numpy().astype(np.float32), logits.argmax(1).tolist()):
             out.append((m, int(c)))
     return out

@@ -32,10 +32,12 @@ from finegrain import checkpoint as ckpt
 from finegrain.checkpoint import resolve_checkpoint
 from finegrain.data.dataset import load_rgb
 from finegrain.predict import Predictor, expand_images
+from finegrain.tasks import require_plain_classifier
 
 
 def _classifier_keys(task: nn.Module) -> tuple[str, str | None]:
     """State-dict names of the classifier's weight and bias (a timm ``Linear`` head)."""
+    require_plain_classifier(task, "enrollment", "it adds a row to the backbone's own classifier")
     head = task.model.get_classifier() if hasattr(task.model, "get_classifier") else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"enrollment needs a Linear classifier (model.get_classifier()); this model has {type(head).__name__}")

@@ -186,7 +186,7 @@ def _logits_and_features(task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
     """
     model = task.model
     has_features = callable(getattr(task, "features", None))
-    plain = type(task).predict is Task.predict and not has_features  # predict is model(x)
+    plain = type(task).infer is Task.infer and not has_features  # infer is model(x)
 
     def fn(images: torch.Tensor) -> torch.Tensor:
         if plain:

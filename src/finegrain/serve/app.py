@@ -237,18 +237,19 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
     def _heatmap(image) -> dict[str, Any]:
         import base64
 
-        from finegrain.explain.cam import display_crop, explain, overlay
+        from finegrain.explain.cam import default_method, display_crop, explain, overlay
 
+        method = default_method(predictor.task.model)
         with batcher.model_lock:  # Grad-CAM needs the model to itself (gradients through the head)
-            (heat, cls), = explain(predictor, [image])
+            (heat, cls), = explain(predictor, [image], method=method)
         buf = io.BytesIO()
         overlay(display_crop(image, predictor.meta["preprocessing"]), heat).save(buf, "PNG")
-        return {"class": classes[cls], "index": cls, "method": "gradcam",
+        return {"class": classes[cls], "index": cls, "method": method,
                 "heatmap": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")}
 
     @app.post("/explain")
     async def explain_route(request: Request) -> dict[str, Any]:
-        """Grad-CAM of the predicted class over the eval crop, as a PNG data URL (field ``heatmap``)."""
+        """Grad-CAM (attention rollout for ViTs) of the predicted class over the eval crop, as a PNG data URL (``heatmap``)."""
         start = time.perf_counter()
         data = await _read_upload(request)
         image = await run_in_threadpool(decode_image, data, max_pixels=max_pixels)

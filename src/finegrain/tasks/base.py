@@ -122,10 +122,26 @@ class Task(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    outputs: ClassVar[str] = "classes"
+    """What :meth:`predict` returns: "classes" (logits over the checkpoint's classes, what predict,
+    eval, explain, export and serve need) or "embeddings" (few-shot methods: features that are
+    compared with a support set; see :func:`require_classifier`)."""
+
+    cam_layer: ClassVar[str | None] = None
+    """Submodule whose output Grad-CAM differentiates the logits against; None: the output of
+    ``model.forward_features`` (the first call, the pass over the whole image)."""
+
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
+        """The inference path with autograd left as the caller set it: what :meth:`predict` returns.
+
+        Subclasses override this, not ``predict``; gradient-based explanations differentiate it.
+        """
+        return self.model(images)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of normalised images (inference only)."""
-        return self.model(images)
+        """Logits for a batch of normalised images (inference only, no autograd)."""
+        return self.infer(images)
 
     def task_args(self) -> dict[str, Any]:
         """Keyword arguments needed to rebuild this task from a checkpoint (JSON-serialisable)."""
@@ -166,6 +182,34 @@ class Task(nn.Module):
             if not n.startswith("model.") or id(p) in head_ids:
                 names.add(n)
         return names
+
+
+def classifier_tasks() -> list[str]:
+    """The registered tasks whose checkpoints predict classes (``Task.outputs == "classes"``)."""
+    return [n for n in TASKS.names() if TASKS.get(n).outputs == "classes"]
+
+
+def require_classifier(task: Task, command: str) -> None:
+    """Refuse a task whose ``predict`` does not return class logits, naming the tasks ``command`` supports."""
+    if task.outputs == "classes":
+        return
+    raise ValueError(f"{command} needs a checkpoint that predicts classes; this is a {task.name} checkpoint, whose "
+                     f"predict returns {task.outputs} (evaluate it with `finegrain fewshot eval`). "
+                     f"Supported tasks: {', '.join(classifier_tasks())}")
+
+
+def plain_classifier_tasks() -> list[str]:
+    """Tasks whose prediction is the backbone's own classifier, ``model(images)`` (no layers of their own)."""
+    return [n for n in classifier_tasks() if TASKS.get(n).infer is Task.infer]
+
+
+def require_plain_classifier(task: Task, command: str, why: str) -> None:
+    """Refuse a task that adds layers or crops on top of its backbone (``why``: what ``command`` changes)."""
+    require_classifier(task, command)
+    if type(task).infer is Task.infer:
+        return
+    raise ValueError(f"{command} works on a plain backbone classifier, and {why}; this is a {task.name} checkpoint, "
+                     f"whose own layers sit on top of the backbone. Supported tasks: {', '.join(plain_classifier_tasks())}")
 
 
 def build_task(name: str, model: nn.Module, num_classes: int, **kwargs: Any) -> Task:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finegrain.tasks.base import TASKS, BuildContext, LoadedCheckpoint, Task, TaskOptions, option
+from finegrain.tasks.base import TASKS, BuildContext, LoadedCheckpoint, Task, TaskOptions, option, require_classifier
 from finegrain.tasks.supervised import soft_cross_entropy
 
 
@@ -109,6 +109,7 @@ class DistillTask(Task):
             raise ValueError("distillation needs a teacher checkpoint: pass --teacher PATH (in Python, build the task with "
                              "finegrain.checkpoint.build_task, which opens it)")
         teacher_task, meta, teacher = teacher.task, teacher.meta, teacher.path
+        require_classifier(teacher_task, "distillation's teacher")
         if meta["num_classes"] != num_classes:
             raise ValueError(f"teacher {teacher} has {meta['num_classes']} classes, the data has {num_classes}; "
                              "distil on the data set the teacher was trained on")
@@ -151,18 +152,29 @@ class DistillTask(Task):
         self.teacher.eval()  # the teacher's BN statistics and dropout stay frozen
         return self
 
+    @torch.no_grad()
+    def teacher_outputs(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """``(teacher logits, backbone features or None, stage maps)`` on teacher-normalised images.
+
+        The logits are the teacher task's own prediction (``predict``: WS-DAN's crops, TransFG's
+        part selection, ...); the features, needed only by the feature and attention terms, are
+        its backbone's. A plain teacher shares one backbone pass between the two.
+        """
+        at, want = self.attention_weight > 0, self.attention_weight > 0 or self.feature_weight > 0
+        net = self.teacher.model
+        plain = type(self.teacher).infer is Task.infer and self.teacher.outputs == "classes"
+        if not want:
+            return self.teacher.predict(xt), None, []
+        feats, stages = stage_features(net, xt, self.attention_stages) if at else (net.forward_features(xt), [])
+        logits = net.forward_head(feats) if plain else self.teacher.predict(xt)
+        return logits, feats, stages
+
     def forward(self, batch):
         x = batch["image"]
         at = self.attention_weight > 0
         feats, s_stages = stage_features(self.model, x, self.attention_stages) if at else (self.model.forward_features(x), [])
         logits = self.model.forward_head(feats)
-        with torch.no_grad():
-            xt = x * self.t_scale + self.t_shift
-            if at:
-                t_feats, t_stages = stage_features(self.teacher.model, xt, self.attention_stages)
-            else:
-                t_feats = self.teacher.model.forward_features(xt)
-            t_logits = self.teacher.model.forward_head(t_feats)
+        t_logits, t_feats, t_stages = self.teacher_outputs(x * self.t_scale + self.t_shift)
         target = batch.get("target", batch["label"])
         ce = soft_cross_entropy(logits, target, self.label_smoothing)
         kd = kd_loss(logits, t_logits, self.temperature)

@@ -81,6 +81,7 @@ class EpisodicTask(Task):
     episodic = True  # trained on episodes (False: on ordinary batches)
     trainer = "episodic"
     selection_metric = "val_acc"
+    outputs = "embeddings"  # compared with a support set; there is no fixed class list
 
     def __init__(self, model: nn.Module, num_classes: int, *, n_way: int = 5, k_shot: int = 1, label_smoothing: float = 0.0):
         super().__init__(model, num_classes, label_smoothing=label_smoothing)
@@ -109,8 +110,7 @@ class EpisodicTask(Task):
         logits = self.episode_logits(feats[:ns], y[:ns], feats, self.n_way)
         return {"loss": self.episode_loss(logits[ns:], y[ns:]), "logits": logits}
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings (there is no fixed class list to score against)."""
         return self.features(images)
 
@@ -251,6 +251,7 @@ class MAMLTask(EpisodicTask):
     """
 
     name = method = "maml"
+    outputs = "logits over episode slots before adaptation"
     Options = MAMLOptions
 
     def __init__(self, model, num_classes, *, n_way=5, k_shot=1, inner_steps: int = 5, eval_steps: int = 10,
@@ -280,8 +281,7 @@ class MAMLTask(EpisodicTask):
         out = functional_call(self.model, (adapted, dict(self.model.named_buffers())), (query,))
         return out if training else out.detach()
 
-    @torch.no_grad()
-    def predict(self, images):
+    def infer(self, images):
         return self.model(images)
 
     def task_args(self):

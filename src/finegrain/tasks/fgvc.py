@@ -137,8 +137,7 @@ class FGVCTask(Task):
         loss, parts = self.loss(logits=logits, features=feats, target=target, labels=batch["label"])
         return {"loss": loss, "logits": logits, **parts}
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(images))
 
     def task_args(self):

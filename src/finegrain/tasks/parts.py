@@ -233,8 +233,7 @@ class PartsTask(_PartCrops):
         loss = ce + self.locate_weight * locate + self.box_weight * box_loss
         return {"loss": loss, "logits": logits, "ce": ce.detach(), "locate": locate.detach(), "box": box_loss.detach()}
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
         _, box, xy = self.localise(images)
         return self.classify(images, self._embed(zoom(images, box, images.shape[-2:])), box, xy)
 
@@ -286,6 +285,5 @@ class WeakPartsTask(_PartCrops):
         out["loss"] = loss
         return out
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
         return self._logits(images)[0]

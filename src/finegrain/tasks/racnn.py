@@ -150,8 +150,7 @@ class RACNNTask(Task):
         out["loss"] = torch.stack(ces).mean() + self.rank_weight * rank
         return out
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack(self.scale_outputs(images)[0]).mean(0)
 
     def task_args(self):

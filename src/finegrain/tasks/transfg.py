@@ -70,6 +70,7 @@ class TransFGTask(Task):
 
     name = "transfg"
     Options = TransFGOptions
+    cam_layer = "part_input"
 
     def __init__(self, model: nn.Module, num_classes: int, *, label_smoothing: float = 0.0,
                  contrastive_weight: float = 1.0, margin: float = 0.4):
@@ -82,6 +83,7 @@ class TransFGTask(Task):
                              f"(e.g. vit_base_patch16_224, deit_small_patch16_224, test_vit), got {type(model).__name__}; "
                              "for CNN backbones use --task fgvc or --task wsdan")
         self.contrastive_weight, self.margin = contrastive_weight, margin
+        self.part_input = nn.Identity()  # all tokens before part selection: where Grad-CAM reads the map
         self.args = {"contrastive_weight": contrastive_weight, "margin": margin, "label_smoothing": label_smoothing}
 
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +95,7 @@ class TransFGTask(Task):
             with torch.no_grad():
                 maps.append(attention_probs(blk, x).float())
             x = blk(x)
+        x = self.part_input(x)
         idx = select_parts(maps, m.num_prefix_tokens)
         parts = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, : m.num_prefix_tokens], parts], dim=1)
@@ -113,8 +116,7 @@ class TransFGTask(Task):
         out["loss"] = loss
         return out
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.tokens(images)[0])
 
     def task_args(self):

@@ -48,14 +48,29 @@ def attention_crop(images: torch.Tensor, maps: torch.Tensor, theta: torch.Tensor
     up = F.interpolate(maps.float(), size=(hh, ww), mode="bilinear", align_corners=True)[:, 0]
     mask = up >= theta.view(b, 1, 1) * up.amax((1, 2)).view(b, 1, 1)
     pad_h, pad_w = int(padding_ratio * hh), int(padding_ratio * ww)
-    out = []
-    for i in range(b):
-        rows = torch.nonzero(mask[i].any(1)).flatten()
-        cols = torch.nonzero(mask[i].any(0)).flatten()
-        r0, r1 = max(int(rows.min()) - pad_h, 0), min(int(rows.max()) + 1 + pad_h, hh)
-        c0, c1 = max(int(cols.min()) - pad_w, 0), min(int(cols.max()) + 1 + pad_w, ww)
-        out.append(F.interpolate(images[i : i + 1, :, r0:r1, c0:c1], size=(hh, ww), mode="bilinear", align_corners=True))
-    return torch.cat(out)
+    r0, r1 = _extent(mask.any(2), pad_h)
+    c0, c1 = _extent(mask.any(1), pad_w)
+    # Bilinear resampling of rows r0..r1-1 and columns c0..c1-1 onto the full size, as
+    # F.interpolate(align_corners=True) of the slice would, but batched and with no
+    # data-dependent shapes (so the exported ONNX graph crops each image at its own box).
+    t_h = torch.linspace(0, 1, hh, device=images.device).view(1, hh)
+    t_w = torch.linspace(0, 1, ww, device=images.device).view(1, ww)
+    rows = r0[:, None] + t_h * (r1 - 1 - r0)[:, None]
+    cols = c0[:, None] + t_w * (c1 - 1 - c0)[:, None]
+    gy = (2 * rows / max(hh - 1, 1) - 1)[:, :, None].expand(b, hh, ww)
+    gx = (2 * cols / max(ww - 1, 1) - 1)[:, None, :].expand(b, hh, ww)
+    grid = torch.stack([gx, gy], -1).to(images.dtype)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _extent(hit: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last index of the true entries of each row of ``hit`` ``[B, N]``, padded, clipped."""
+    n = hit.shape[1]
+    idx = torch.arange(n, device=hit.device).expand_as(hit)
+    first = torch.where(hit, idx, n).amin(1)
+    last = torch.where(hit, idx, -1).amax(1)
+    first, last = torch.where(last < 0, 0, first), torch.where(last < 0, n - 1, last)  # no hit: keep the whole side
+    return (first - pad).clamp_min(0).float(), (last + 1 + pad).clamp_max(n).float()
 
 
 def attention_drop(images: torch.Tensor, maps: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -123,6 +138,17 @@ class WSDANTask(Task):
         lo, hi = lo_hi
         return lo + (hi - lo) * torch.rand(n, device=device)
 
+    def update_centers(self, feats: torch.Tensor, labels: torch.Tensor, center: torch.Tensor) -> None:
+        """One step per class present in the batch: ``c_y += beta (mean_{i: y_i = y} f_i - normalize(c_y))``.
+
+        The authors' update ``c[y] += beta (f - normalize(c[y]))`` writes once per class when
+        several images share one (advanced-index assignment keeps one of them); the mean of the
+        class's images is that one step made independent of which image is written last.
+        """
+        counts = torch.bincount(labels, minlength=self.feature_center.shape[0]).clamp_min(1).to(feats.dtype)
+        step = (feats - center) / counts[labels, None]
+        self.feature_center.index_add_(0, labels, (self.center_momentum * step).to(self.feature_center.dtype))
+
     def forward(self, batch):
         images, labels = batch["image"], batch["label"]
         target = batch.get("target", labels)
@@ -132,7 +158,7 @@ class WSDANTask(Task):
         center_loss = (feats - center).pow(2).sum() / feats.shape[0]
         if self.training:
             with torch.no_grad():
-                self.feature_center.index_add_(0, labels, self.center_momentum * (feats.detach() - center))
+                self.update_centers(feats.detach(), labels, center)
         with torch.no_grad():
             # one map per image for the crop and one for the drop, drawn by sqrt of their mass
             weights = torch.sqrt(maps.detach().float().sum((2, 3)) + 1e-12)
@@ -153,8 +179,7 @@ class WSDANTask(Task):
         out["loss"] = ce + self.center_weight * center_loss
         return out
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
         logits, _, maps = self.parts(images)
         theta = torch.full((images.shape[0],), self.eval_theta, device=images.device)
         crops = attention_crop(images, maps.mean(1, keepdim=True), theta, 0.05)

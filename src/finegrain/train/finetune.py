@@ -14,7 +14,7 @@ from torch import nn
 
 from finegrain import checkpoint as ckpt
 from finegrain.data.base import ImageList
-from finegrain.data.dataset import ImageDataset, collate
+from finegrain.data.dataset import ImageDataset, check_annotations, collate
 from finegrain.data.sampler import epoch_batches
 from finegrain.data.transforms import train_transform
 from finegrain.train.logger import RunLogger
@@ -24,16 +24,20 @@ from finegrain.train.trainer import StepConfig, Trainer, TrainResult, TrainSetup
 def finetune(module: nn.Module, images: ImageList, prep: dict, run_dir: Path, meta: ckpt.CheckpointMeta, *, epochs: int,
              lr: float, weight_decay: float = 0.0, batch_size: int = 32, workers: int = 1, device: torch.device,
              seed: int = 0, amp: bool = True, resume: bool = False, save_best: bool = True, label: str = "fine-tune",
-             max_epochs: int | None = None) -> TrainResult:
+             max_epochs: int | None = None, annotations: tuple[str, ...] | None = None) -> TrainResult:
     """Fine-tune ``module`` on ``images`` with AdamW and a cosine schedule; keep the run in ``run_dir``.
 
     The train transform is the checkpoint's preprocessing with random resized crop and flip;
     every epoch's order and each image's augmentation come from ``seed``, so a resumed
-    fine-tune matches an uninterrupted one.
+    fine-tune matches an uninterrupted one. The annotations the task trains with
+    (``annotations``, default ``module.annotations``) are read with the images and checked before the first step.
     """
+    if annotations is None:  # boxes/parts travel with the images (the part model)
+        annotations = tuple(getattr(module, "annotations", ()))
+    check_annotations(images, annotations, task=getattr(module, "name", ""))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     t = train_transform(prep["img_size"], mean=prep["mean"], std=prep["std"], interpolation=prep["interpolation"])
-    batches, epoch_images, data = epoch_batches(ImageDataset(images, t), seed=seed, batch_size=batch_size, workers=workers,
+    batches, epoch_images, data = epoch_batches(ImageDataset(images, t, annotations=annotations), seed=seed, batch_size=batch_size, workers=workers,
                                                 collate_fn=collate)
     steps = max(1, len(images) // batch_size)
     params = [p for p in module.parameters() if p.requires_grad]

@@ -163,3 +163,24 @@ def test_report_scores_images_with_the_task_predictions(world, task):
     with torch.no_grad():
         out = _logits_and_features(t)(x)
     torch.testing.assert_close(out[:, : len(meta["classes"])], t.predict(x).float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("feature_weight", [0.0, 0.5])
+@pytest.mark.parametrize("task", classifier_tasks())
+def test_distillation_soft_targets_are_the_teacher_predictions(world, task, feature_weight):
+    """KD targets are the teacher task's own logits (WS-DAN's crops, TransFG's part selection), for every teacher."""
+    from finegrain import checkpoint as ckpt
+    from finegrain.models.backbone import create_backbone
+    from finegrain.tasks import LoadedCheckpoint, build_task
+
+    teacher, meta = ckpt.load_task(world["ckpts"][task])
+    student = create_backbone("test_resnet", num_classes=len(meta["classes"]), pretrained="none")
+    d = build_task("distill", student, len(meta["classes"]), feature_weight=feature_weight,
+                   teacher=LoadedCheckpoint(teacher, meta, str(world["ckpts"][task])))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    logits, feats, _ = d.teacher_outputs(x)
+    torch.testing.assert_close(logits, teacher.predict(x), atol=1e-5, rtol=1e-4)
+    assert (feats is None) == (feature_weight == 0)
+    d.train()
+    out = d({"image": x, "label": torch.tensor([0, 1])})
+    assert torch.isfinite(out["loss"])

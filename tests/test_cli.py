@@ -41,6 +41,10 @@ def test_train_eval_predict_end_to_end(image_folder, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("path,rank,class") and len(lines) == 1 + 3 * 3
 
+    rc = main(["predict", str(run_dir), str(image_folder / "test" / "blue"), "--device", "cpu"])  # the table
+    out = capsys.readouterr()
+    assert rc == 0 and out.out.count("blue_") == 3 and "blue_" not in out.err  # `> preds.txt` keeps the table
+
 
 @pytest.mark.parametrize(
     "argv, message",

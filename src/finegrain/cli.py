@@ -157,16 +157,15 @@ def _cmd_predict(args) -> int:
             if "error" in r:
                 w.writerow([r["path"], "", "", "", "", r["error"]])
     else:
+        from rich.console import Console
         from rich.table import Table
-
-        from finegrain.utils import console
 
         t = Table()
         t.add_column("image")
         t.add_column(f"top-{args.topk}")
         for r in results:
             t.add_row(r["path"], r["error"] if "error" in r else ", ".join(f"{x['class']} {x['score']:.3f}" for x in r["topk"]))
-        console.print(t)
+        Console(width=None if sys.stdout.isatty() else 400).print(t)  # the results go to stdout (`> preds.txt`); progress and errors stay on stderr
     return 1 if all("error" in r for r in results) else 0
 
 

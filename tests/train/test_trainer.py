@@ -251,3 +251,99 @@ def test_resume_refuses_a_planted_pickle_and_runs_nothing(image_folder, tmp_path
     with pytest.raises(ValueError, match="other than tensors and numbers.*nothing in it ran"):
         fit(cfg)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_forward_pass_stops_after_the_step_and_resumes_bit_exact(image_folder, tmp_path, monkeypatch, signum):
+    """The signal lands inside the forward of the second epoch's second batch (BatchNorm has already
+    seen that batch): the step finishes, the run stops, and the resumed run equals the uninterrupted
+    one, running statistics and num_batches_tracked included."""
+    import os
+    import signal
+
+    from finegrain.tasks.supervised import SupervisedTask
+
+    def config(out):
+        cfg = tiny_config(image_folder, out, epochs=2)
+        cfg.data.batch_size = 4  # 16 training images: 4 steps per epoch
+        return cfg
+
+    full = fit(config(tmp_path / "a"))
+    real, calls = SupervisedTask.forward, []
+
+    def forward_then_signal(self, batch):
+        calls.append(1)
+        out = real(self, batch)
+        if self.training and len(calls) == 6:  # the second step of epoch 2
+            os.kill(os.getpid(), getattr(signal, signum))
+        return out
+
+    monkeypatch.setattr(SupervisedTask, "forward", forward_then_signal)
+    cfg = config(tmp_path / "b")
+    first = fit(cfg)
+    monkeypatch.undo()
+    assert first.interrupted
+    state = torch.load(first.run_dir / "last.state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)  # the step in flight was finished, not replayed
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    cfg.train.resume = str(first.run_dir)
+    resumed = fit(cfg)
+    assert_same_state(_weights(full.run_dir / "last.safetensors"), _weights(resumed.run_dir / "last.safetensors"))
+
+
+class _Crash(BaseException):
+    """A kill: not an exception the trainer handles."""
+
+
+def test_a_crash_at_any_write_of_a_save_leaves_a_resumable_run(image_folder, tmp_path, monkeypatch):
+    """Kill the run before each file write of its checkpoints in turn (best, state, last of every
+    epoch), leaving the half-written temporary behind: each time the run resumes and ends where the
+    uninterrupted run ends, bit for bit."""
+    import finegrain.checkpoint as ckpt
+
+    real, writes = ckpt.atomic_write, []
+
+    def counting(path, write):
+        writes.append(Path(path).name)
+        return real(path, write)
+
+    monkeypatch.setattr(ckpt, "atomic_write", counting)
+    full = fit(tiny_config(image_folder, tmp_path / "a", epochs=2))
+    monkeypatch.undo()
+    names = [n for n in writes if n.startswith(("best.", "last."))]
+    assert names.count("last.state.pt") == 2 and len(names) >= 5
+    for crash_at in range(len(names)):
+        out, seen = tmp_path / f"b{crash_at}", []
+
+        def crashing(path, write, _at=crash_at, _seen=seen):
+            if Path(path).name.startswith(("best.", "last.")):
+                _seen.append(1)
+                if len(_seen) == _at + 1:
+                    (Path(path).parent / f".{Path(path).name}.killed.tmp").write_bytes(b"")  # the kill lands mid-write
+                    raise _Crash
+            return real(path, write)
+
+        monkeypatch.setattr(ckpt, "atomic_write", crashing)
+        with pytest.raises(_Crash):
+            fit(tiny_config(image_folder, out, epochs=2))
+        monkeypatch.undo()
+        run_dir = out / "run"
+        if not (run_dir / "last.state.pt").is_file():  # killed before the first state existed: start again
+            with pytest.raises(FileNotFoundError, match="last.state.pt"):
+                fit(tiny_config(image_folder, out, epochs=2, resume=str(run_dir)))
+            continue
+        resumed = fit(tiny_config(image_folder, out, epochs=2, resume=str(run_dir)))
+        assert not resumed.interrupted and not list(run_dir.glob(".*.tmp"))
+        assert_same_state(_weights(full.run_dir / "last.safetensors"), _weights(run_dir / "last.safetensors"))
+
+
+def test_resuming_a_finished_run_says_it_is_finished(image_folder, tmp_path, capsys):
+    cfg = tiny_config(image_folder, tmp_path, epochs=1)
+    done = fit(cfg)
+    before = (done.run_dir / "last.safetensors").read_bytes()
+    cfg.train.resume = str(done.run_dir)
+    capsys.readouterr()
+    again = fit(cfg)
+    err = capsys.readouterr().err
+    assert "is finished" in err and "resuming /" not in err and "epoch 1:" not in err  # trained nothing
+    assert not again.interrupted and (done.run_dir / "last.safetensors").read_bytes() == before

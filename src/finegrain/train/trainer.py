@@ -6,9 +6,10 @@ caller describes its training as a :class:`TrainSetup` (the module, its optimize
 epoch's batches, how to validate and which validation metric selects the best epoch) and the
 trainer does the rest the same way for all of them:
 
-- ``last.safetensors`` (the trained module's weights and metadata) and ``last.state.pt``
-  (optimizer, scheduler, EMA, RNG, best-so-far) after every epoch and on Ctrl-C, so any run
-  resumes exactly, part-way through an epoch included;
+- ``last.state.pt`` (weights, optimizer, scheduler, EMA, RNG, best-so-far: one atomic file) and
+  ``last.safetensors`` (the same weights with metadata) after every epoch and on Ctrl-C or
+  SIGTERM, which stop the run between two optimizer steps; any run resumes exactly, part-way
+  through an epoch included, and a crash during a save leaves the previous state whole;
 - ``best.safetensors``: the inference form of the epoch with the best selection metric (the
   last epoch when there is no validation);
 - ``metrics.jsonl`` (+ TensorBoard / W&B through a :class:`~finegrain.train.logger.RunLogger`),
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,24 +142,26 @@ class Trainer:
         at = self._restore(setup) if resume else _Progress()
         start_epoch, history = at.epoch, []
         interrupted = stopped_early = False
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            while at.epoch < self.epochs:
-                row = self._epoch(setup, at)
-                history.append(row)
-                if self._end_epoch(setup, at, row):
-                    stopped_early = True
-                    break
-                if max_epochs is not None and at.epoch - start_epoch >= max_epochs:
-                    break
-        except KeyboardInterrupt:
-            interrupted = True
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the save
-            self._save_last(setup, at, {"interrupted": True})
-            if self.world.is_main:
-                console.print(f"[yellow]interrupted: saved a resumable checkpoint in {self.run_dir}; continue with --resume")
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        with _GracefulStop() as stop:
+            self._stop = stop
+            try:
+                while at.epoch < self.epochs:
+                    row = self._epoch(setup, at)
+                    history.append(row)
+                    if self._end_epoch(setup, at, row):
+                        stopped_early = True
+                        break
+                    stop.check()
+                    if max_epochs is not None and at.epoch - start_epoch >= max_epochs:
+                        break
+            except (KeyboardInterrupt, RuntimeError) as e:
+                if isinstance(e, RuntimeError) and stop.requested is None:
+                    raise  # a real error (a signal also kills DataLoader workers, which raises RuntimeError)
+                interrupted = True
+                stop.ignore()  # a further signal must not break the save
+                self._save_last(setup, at, {"interrupted": True})
+                if self.world.is_main:
+                    console.print(f"[yellow]interrupted: saved a resumable checkpoint in {self.run_dir}; continue with --resume")
         dist_.barrier(self.world)  # the others wait for rank 0's last checkpoint before anyone returns
         self._report_skipped(final=True)
         return TrainResult(self.run_dir, self.run_dir / "best.safetensors", at.best_epoch, at.best, at.epoch,
@@ -175,6 +179,8 @@ class Trainer:
                           enabled=None if self.world.is_main else False) as bar:
             def on_step(n, acc, _bar=bar):
                 at.step += 1
+                if at.step % setup.step.accum_steps == 0:  # a signal stops the run between optimizer steps
+                    self._stop.check()
                 if at.step % 5 == 0 and _bar.progress is not None:  # .item() syncs: only for a visible bar
                     _bar.advance(n, loss=(acc["loss"] / acc["seen"]).item(), acc=100 * acc["correct"].item() / acc["seen"])
                 else:
@@ -228,9 +234,11 @@ class Trainer:
     def _save_last(self, setup: TrainSetup, at: _Progress, metrics: dict) -> None:
         if not self.world.is_main:
             return
-        # State first, weights second: a crash between the two leaves an epoch mismatch that resume detects.
+        # last.state.pt is the whole resumable state, weights included, in one atomic file: a crash at
+        # any instant leaves either the previous or the new state, never a pair from two steps.
+        # last.safetensors, written after it, is the readable checkpoint of the same weights.
         ckpt.save_train_state(self.run_dir / "last.state.pt", {
-            "epoch": at.epoch, "step": at.step, "optimizer": setup.optimizer.state_dict(),
+            "epoch": at.epoch, "step": at.step, "model": setup.module.state_dict(), "optimizer": setup.optimizer.state_dict(),
             "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
             "ema": setup.ema.state_dict() if setup.ema is not None else None, "rng": _rng_state(),
             "best_top1": at.best, "best_epoch": at.best_epoch, "bad_epochs": at.bad_epochs,
@@ -239,10 +247,16 @@ class Trainer:
         ckpt.save(self.run_dir / "last.safetensors", setup.module.state_dict(), meta)
 
     def _restore(self, setup: TrainSetup) -> _Progress:
-        sd, meta = ckpt.load(self.run_dir / "last.safetensors")
+        for stale in self.run_dir.glob(".*.tmp"):  # half-written files of a killed save; the complete ones are intact
+            stale.unlink(missing_ok=True)
         state = ckpt.load_train_state(self.run_dir / "last.state.pt")
-        if state["epoch"] != meta.epoch or state.get("step", 0) != meta.step:
-            raise ValueError(f"{self.run_dir}: last.safetensors and last.state.pt are from different epochs; cannot resume exactly")
+        if "model" in state:
+            sd = state["model"]
+        else:  # written before the state held the weights: the pair must match
+            sd, meta = ckpt.load(self.run_dir / "last.safetensors")
+            if state["epoch"] != meta.epoch or state.get("step", 0) != meta.step:
+                raise ValueError(f"{self.run_dir}: last.safetensors and last.state.pt are from different epochs; "
+                                 "cannot resume exactly (start the run again, or train from last.safetensors with --pretrained)")
         setup.module.load_state_dict(sd)
         setup.optimizer.load_state_dict(state["optimizer"])
         if setup.scheduler is not None and state.get("scheduler") is not None:
@@ -251,9 +265,25 @@ class Trainer:
             setup.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         at = _Progress(state["epoch"], state.get("step", 0), state["best_top1"], state["best_epoch"], state["bad_epochs"])
-        if self.world.is_main:
+        if at.epoch >= self.epochs:
+            self._finish_saved(setup, at)
+        elif self.world.is_main:
             console.print(f"resuming {self.run_dir} at {self.label} {at.epoch + 1}" + (f", step {at.step}" if at.step else ""))
         return at
+
+    def _finish_saved(self, setup: TrainSetup, at: _Progress) -> None:
+        """A finished run: nothing to train; rewrite ``last.safetensors`` if a crash kept it from the final state."""
+        last = self.run_dir / "last.safetensors"
+        try:
+            current = ckpt.read_meta(last).epoch == at.epoch
+        except (FileNotFoundError, ValueError):
+            current = False
+        if not current:
+            self._save_last(setup, at, {})
+        if self.world.is_main:
+            console.print(f"{self.run_dir} is finished: all {self.epochs} epochs are trained, nothing to resume"
+                          + ("" if current else " (last.safetensors rewritten from the final state)")
+                          + "; to train longer, start a new run from its checkpoint with --pretrained")
 
     def _report_skipped(self, final: bool = False) -> None:
         if not self.skipped or not self.world.is_main:
@@ -261,6 +291,47 @@ class Trainer:
         (self.run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{e}\n" for p, e in sorted(self.skipped.items())))
         if final:
             console.print(f"[yellow]{len(self.skipped)} unreadable images were skipped; list in {self.run_dir / 'skipped_images.txt'}")
+
+
+class _GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's pre-emption, a container stop) ask the
+    trainer to stop after the optimizer step in flight, so the saved state is exactly the state
+    between two steps (BatchNorm statistics included); a second signal stops at once.
+
+    Handlers can only be installed from the main thread; elsewhere the run keeps Python's default
+    (Ctrl-C raises where it lands).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.requested = signal.Signals(signum).name
+        console.print(f"[yellow]{self.requested}: finishing the current step, then saving a resumable checkpoint "
+                      "(send it again to stop at once)")
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if a stop was asked for."""
+        if self.requested is not None:
+            raise KeyboardInterrupt(self.requested)
+
+    def ignore(self) -> None:
+        for s in self._previous:
+            signal.signal(s, signal.SIG_IGN)
+
+    def __enter__(self) -> _GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def open_job(run_dir: Path, args: dict[str, Any], *, resume: bool) -> bool:
@@ -271,7 +342,7 @@ def open_job(run_dir: Path, args: dict[str, Any], *, resume: bool) -> bool:
     """
     run_dir = Path(run_dir)
     job = run_dir / "job.json"
-    started = (run_dir / "last.safetensors").is_file()
+    started = (run_dir / "last.state.pt").is_file() or (run_dir / "last.safetensors").is_file()
     if started and not resume:
         raise FileExistsError(f"{run_dir} already holds a run: add --resume to continue it, or choose another folder")
     if resume and not started:

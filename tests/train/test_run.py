@@ -80,3 +80,19 @@ def test_invalid_flag_combination(image_folder, tmp_path):
     cfg.data.val_fraction = 0.0
     with pytest.raises(ValueError, match="--patience"):
         fit(cfg)
+
+
+def test_a_one_class_data_set_is_refused_before_training(tmp_path, capsys):
+    from finegrain.cli import main
+
+    from ..conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "d")
+    for name in ("green", "blue"):
+        for f in (data / "train" / name).iterdir():
+            f.unlink()
+        (data / "train" / name).rmdir()
+    rc = main(["train", "--data", str(data / "train"), "--backbone", "test_resnet", "--pretrained", "none", "--epochs", "1",
+               "--out", str(tmp_path / "runs"), "--device", "cpu", "--workers", "0"])
+    assert rc == 2 and "at least two" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.safetensors"))

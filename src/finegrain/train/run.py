@@ -103,6 +103,9 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
     cfg = plan.cfg
     seed_everything(cfg.train.seed)
     images = open_dataset(cfg.data.data, "train", dataset=cfg.data.dataset, download=cfg.data.download)
+    if len(images.classes) < 2:
+        raise ValueError(f"{cfg.data.data} has {len(images.classes)} class ({', '.join(images.classes) or 'none'}); a classifier "
+                         "needs at least two (one folder per class), or it scores a meaningless 100%")
     # a task trained on boxes / part locations: the data must have them and nothing may drop or scramble them
     check_annotations(images, plan.annotations, task=cfg.model.task, cache=cfg.data.cache,
                       mixing=cfg.data.cutmix > 0 or cfg.data.mixup > 0, augment=cfg.data.augment, pipeline=plan.pipeline)

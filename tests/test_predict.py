@@ -41,3 +41,12 @@ def test_a_checkpoint_with_too_few_class_names_is_refused_clearly(tmp_path, caps
     Image.new("RGB", (40, 40), (200, 40, 40)).save(img)
     assert main(["predict", str(tmp_path / "short.safetensors"), str(img), "--device", "cpu"]) == 2
     assert "names 2 classes for 3 outputs" in capsys.readouterr().err
+
+
+def test_a_url_given_to_predict_says_urls_are_not_read(trained_run, capsys):
+    from finegrain.cli import main
+
+    result, _ = trained_run
+    rc = main(["predict", str(result.best_checkpoint), "https://example.org/bird.jpg", "--device", "cpu"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "is a URL" in err and "curl -O" in err

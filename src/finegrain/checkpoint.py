@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -234,7 +233,19 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
     if META_KEY not in header:
         raise ValueError(f"{path} is a safetensors file without finegrain metadata; train with finegrain or load it as --pretrained")
-    return CheckpointMeta.from_dict(json.loads(header[META_KEY]), path=path)
+    damaged = f"{path}: its finegrain metadata is damaged or was edited by hand; use an intact copy of the checkpoint"
+    try:
+        d = json.loads(header[META_KEY])
+    except ValueError as e:
+        raise ValueError(f"{damaged} (not JSON: {e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{damaged} (a JSON {type(d).__name__}, not an object)")
+    try:
+        return CheckpointMeta.from_dict(d, path=path)
+    except ValueError as e:
+        raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{damaged} ({type(e).__name__}: {e})") from None
 
 
 def load(path: str | Path, map_location: str = "cpu") -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
@@ -291,12 +302,9 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no resume state at {path}; resume needs a run folder with last.state.pt")
-    try:  # tensors, numbers, strings and containers only: a pickle naming any other global is refused, not run
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise ValueError(f"{path} is truncated or corrupt and cannot be resumed: {e}") from e
-        raise ValueError(f"{path} holds objects other than tensors and numbers (not written by finegrain?); it was not "
-                         f"loaded and nothing in it ran. Delete it to start the run over, or resume from a copy you trust: {e}") from e
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is truncated or corrupt and cannot be resumed: {e}") from e
+    from finegrain.models.backbone import torch_load_safely
+
+    state = torch_load_safely(path, "resume state", "Delete it to start the run over, or resume from a copy you trust.")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} (resume state) is not a dict of training state; delete it to start the run over")
+    return state

@@ -166,7 +166,13 @@ def _cmd_predict(args) -> int:
         for r in results:
             t.add_row(r["path"], r["error"] if "error" in r else ", ".join(f"{x['class']} {x['score']:.3f}" for x in r["topk"]))
         Console(width=None if sys.stdout.isatty() else 400).print(t)  # the results go to stdout (`> preds.txt`); progress and errors stay on stderr
-    return 1 if all("error" in r for r in results) else 0
+    failed = [r for r in results if "error" in r]
+    if failed:
+        from finegrain.utils import console
+
+        console.print(f"[yellow]{len(failed)} of {len(results)} images could not be read, e.g. {failed[0]['path']}: "
+                      f"{failed[0]['error']}")
+    return 2 if len(failed) == len(results) else 0
 
 
 def _cmd_list_backbones(args) -> int:
@@ -242,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
+    except (ValueError, OSError, TypeError, ImportError) as e:  # OSError: missing, unreadable or unwritable files
+        from rich.markup import escape
+
         from finegrain.utils import console
 
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
         return 2
     except KeyboardInterrupt as e:  # a trainer has saved a resumable state and says how to continue
         from finegrain.utils import console

@@ -20,6 +20,9 @@ def expand_images(items: Iterable[str | Path]) -> list[Path]:
     """Files as given, folders expanded to the images inside them (recursively, sorted)."""
     out: list[Path] = []
     for item in items:
+        if "://" in str(item):
+            raise ValueError(f"{item} is a URL; finegrain reads local files and folders. Download it first "
+                             f"(curl -O '{item}') and pass the file")
         p = Path(item)
         if p.is_dir():
             out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)

@@ -27,3 +27,26 @@ def test_eval_refuses_data_with_other_classes(trained_run, tmp_path, capsys):
     (other / "train" / "red").rename(other / "train" / "purple")
     assert main(["eval", str(result.run_dir), "--data", str(other), "--workers", "0", "--device", "cpu"]) == 2
     assert "purple" in capsys.readouterr().err
+
+
+def test_eval_on_a_subset_of_the_classes_scores_those_classes(trained_run, tmp_path, capsys):
+    """A test set without one class is evaluated on the others: each present class scores as in the full eval."""
+    import shutil
+
+    result, data = trained_run
+    full_out, sub_out = tmp_path / "full", tmp_path / "sub"
+    assert main(["eval", str(result.run_dir), "--data", str(data), "--workers", "0", "--device", "cpu",
+                 "--out", str(full_out)]) == 0
+    part = tmp_path / "part"  # a flat folder of two class folders, read as its train split
+    shutil.copytree(data / "test", part)
+    shutil.rmtree(part / "blue")
+    assert main(["eval", str(result.run_dir), "--data", str(part), "--split", "train", "--workers", "0", "--device", "cpu",
+                 "--out", str(sub_out)]) == 0
+    assert "2 of the model's 3 classes" in " ".join(capsys.readouterr().err.split())
+    full = json.loads((full_out / "results.json").read_text())
+    sub = json.loads((sub_out / "results.json").read_text())
+    assert sub["classes_absent"] == ["blue"] and sub["n"] == full["n"] * 2 // 3
+    by_name = lambda r: {c["class"]: c for c in r["per_class"]}  # noqa: E731
+    for name in ("green", "red"):
+        assert by_name(sub)[name]["recall"] == by_name(full)[name]["recall"]
+    assert abs(sub["mean_per_class_acc"] - (by_name(full)["green"]["recall"] + by_name(full)["red"]["recall"]) / 2) < 1e-9

@@ -173,3 +173,61 @@ def test_serve_cli_passes_flags_to_uvicorn(tmp_path, monkeypatch):
     assert calls["host"] == "127.0.0.1" and calls["port"] == 8123
     with TestClient(calls["app"]) as c:
         assert c.get("/health").json()["limits"] == {"max_upload_mb": 2.0, "max_pixels": 1_000_000}
+        assert c.get("/health").json()["load"]["max_inflight"] == 64
+
+
+def test_a_large_jpeg_is_decoded_reduced_to_near_the_model_size():
+    """Pillow's draft decodes a 1600x1200 JPEG at 1/4 scale for a 224 px model (short side >= 256), and the
+    reduced decode gives the same class scores as the full one to within the JPEG's own noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=90)
+    full = decode_image(buf.getvalue(), max_pixels=10_000_000)
+    small = decode_image(buf.getvalue(), max_pixels=10_000_000, min_side=256)
+    assert full.size == (1600, 1200) and small.size == (400, 300)
+    assert small.info["original_size"] == (1600, 1200)
+    a = np.asarray(full.resize((400, 300), Image.BOX), dtype=np.float32)
+    b = np.asarray(small, dtype=np.float32)
+    assert np.abs(a - b).mean() < 3.0  # the same picture, reduced in the DCT instead of after decoding
+
+
+def test_past_max_inflight_the_server_answers_503_with_retry_after(predictor):
+    app = create_app(predictor, max_inflight=2)
+    with TestClient(app) as c:
+        assert c.post("/predict", content=jpeg(), headers={"content-type": "image/jpeg"}).status_code == 200
+        app.state.gate.inflight = 2  # two requests are in progress
+        r = c.post("/predict", content=jpeg(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "--max-inflight" in r.json()["detail"]
+        assert c.get("/health").json()["load"]["refused"] == 1
+        app.state.gate.inflight = 0
+        assert c.post("/predict", content=jpeg(), headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def test_the_gate_limits_concurrent_decodes_and_frees_its_places():
+    import asyncio
+
+    from finegrain.serve.limits import Busy, RequestGate
+
+    gate = RequestGate(max_inflight=3, decode_slots=2, trim_interval_s=0.0)
+    peak = {"now": 0, "max": 0}
+
+    async def one():
+        async with gate.admit(), gate.decoding():
+            peak["now"] += 1
+            peak["max"] = max(peak["max"], peak["now"])
+            await asyncio.sleep(0.01)
+            peak["now"] -= 1
+
+    async def burst():
+        results = await asyncio.gather(*(one() for _ in range(5)), return_exceptions=True)
+        return [type(r).__name__ for r in results]
+
+    outcome = asyncio.run(burst())
+    assert outcome.count("Busy") == 2 and outcome.count("NoneType") == 3  # 3 admitted, 2 refused
+    assert peak["max"] == 2 and gate.inflight == 0
+    assert issubclass(Busy, Exception)
+    with pytest.raises(ValueError, match="--decode-slots"):
+        RequestGate(decode_slots=0)

@@ -8,6 +8,7 @@ are called as ``reader(root, split, download=False, **options)``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import urllib.request
@@ -67,6 +68,18 @@ class ImageList:
             source=self.source,
             extras=dict(self.extras),
         )
+
+    def relabel(self, classes: list[str]) -> ImageList:
+        """The same images with labels indexing ``classes``, a superset of this list's classes (a
+        model's class list, for a test set that holds only some of them).
+
+        Raises ``ValueError`` naming classes that ``classes`` lacks."""
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = [c for c in self.classes if c not in index]
+        if unknown:
+            raise ValueError(f"{len(unknown)} classes of the data are not among the {len(classes)} given: {unknown[:5]}")
+        return dataclasses.replace(self, labels=[index[self.classes[l]] for l in self.labels], classes=list(classes),
+                                   extras=dict(self.extras))
 
     def class_counts(self) -> list[int]:
         counts = [0] * len(self.classes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +98,20 @@ class ImageDataset(Dataset):
             inside = ((p >= 0) & (p <= 1)).all(1)
             item["parts"] = torch.cat([p, (vis.bool() & inside).float()[:, None]], 1)
         return item
+
+
+def check_files(images: ImageList, data: str = "") -> list[str]:
+    """The image files of ``images`` that do not exist (missing, or a broken symbolic link).
+
+    Raises ``FileNotFoundError`` with examples when none exists (a CSV whose paths are all
+    wrong), before any training starts; the caller reports a partial loss.
+    """
+    missing = [p for p in images.paths if not os.path.exists(p)]
+    if missing and len(missing) == len(images.paths):
+        where = f" in {data}" if data else ""
+        hint = " Paths in a CSV are relative to the CSV file's folder." if str(data).lower().endswith(".csv") else ""
+        raise FileNotFoundError(f"none of the {len(missing)} image files{where} exists (e.g. {', '.join(missing[:3])}).{hint}")
+    return missing
 
 
 def check_annotations(images: ImageList, needed, *, task: str = "", cache: bool = False, mixing: bool = False,

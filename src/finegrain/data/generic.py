@@ -23,11 +23,11 @@ def _list_class_folders(root: Path) -> ImageList:
     paths, labels, empty = [], [], []
     for i, c in enumerate(classes):
         files = sorted(
-            p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
+            p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
+        )  # a broken link is kept, so that it is reported as missing instead of vanishing
         if not files:
             empty.append(c)
-        paths += [str(p.resolve()) for p in files]
+        paths += [str(p.resolve() if p.exists() else p.absolute()) for p in files]
         labels += [i] * len(files)
     if empty:
         raise ValueError(

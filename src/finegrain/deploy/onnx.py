@@ -88,13 +88,19 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no exported model at {path}")
-    if path.suffix == ".onnx":
-        onnx, _ = _require_onnx()
-        model = onnx.load(str(path), load_external_data=False)
-        return _decode_metadata({p.key: p.value for p in model.metadata_props})
-    extra = {TORCHSCRIPT_EXTRA: ""}
-    with _quiet_jit():
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    try:
+        if path.suffix == ".onnx":
+            onnx, _ = _require_onnx()
+            model = onnx.load(str(path), load_external_data=False)
+            return _decode_metadata({p.key: p.value for p in model.metadata_props})
+        extra = {TORCHSCRIPT_EXTRA: ""}
+        with _quiet_jit():  # TorchScript archives hold TorchScript, which cannot name arbitrary Python globals
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except (ImportError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001  (protobuf and TorchScript raise their own error types)
+        raise ValueError(f"{path} is not a readable exported model (truncated, corrupt, or not written by "
+                         f"`finegrain export`?): {e}") from None
     if not extra[TORCHSCRIPT_EXTRA]:
         raise ValueError(f"{path} has no {TORCHSCRIPT_EXTRA}: was it exported by `finegrain export`?")
     return _decode_metadata(json.loads(extra[TORCHSCRIPT_EXTRA]))

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from finegrain.checkpoint import resolve_checkpoint
-from finegrain.data.base import open_dataset
+from finegrain.data.base import ImageList, open_dataset
+from finegrain.data.dataset import check_files
 from finegrain.data.device import eval_batches
 from finegrain.eval.metrics import (
     classification_metrics,
@@ -18,6 +19,29 @@ from finegrain.eval.metrics import (
 from finegrain.predict import Predictor
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
+
+
+def eval_images(images: ImageList, classes: list[str], data) -> tuple[ImageList, list[str]]:
+    """``images`` labelled by the model's ``classes``, and the model's classes the data lacks.
+
+    A test set may hold a subset of the classes: it is evaluated on those (the model still
+    chooses among all of its classes; per-class means count the classes present) and a line says
+    so. Files that do not exist are reported here; none existing is an error.
+    """
+    unknown = sorted(set(images.classes) - set(classes))
+    if unknown:
+        raise ValueError(f"{len(unknown)} classes of {data} are unknown to the model (e.g. {unknown[:5]}); the model has "
+                         f"{len(classes)} classes. Evaluate on the data set the model was trained on.")
+    present = {images.classes[label] for label in images.labels}
+    absent = [c for c in classes if c not in present]
+    if absent:
+        console.print(f"[yellow]{data} holds {len(classes) - len(absent)} of the model's {len(classes)} classes; "
+                      f"evaluating on those (absent: {', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''})")
+    missing = check_files(images, str(data))
+    if missing:
+        console.print(f"[yellow]{len(missing)} of {len(images)} image files do not exist (e.g. {missing[0]}); "
+                      "they are skipped and listed in results.json")
+    return images.relabel(classes), absent
 
 
 def evaluate(
@@ -44,14 +68,7 @@ def evaluate(
     """
     path = resolve_checkpoint(checkpoint)
     predictor = Predictor.from_checkpoint(path, device=device, tta_flip=tta_flip)
-    images = open_dataset(data, split, dataset=dataset)
-    if images.classes != predictor.classes:
-        extra = sorted(set(images.classes) - set(predictor.classes))[:5]
-        raise ValueError(
-            f"the classes of {data} ({len(images.classes)}) differ from the checkpoint's ({len(predictor.classes)})"
-            + (f"; unknown to the model: {extra}" if extra else "")
-            + ". Evaluate on the data set the model was trained on."
-        )
+    images, absent = eval_images(open_dataset(data, split, dataset=dataset), predictor.classes, data)
     loader = eval_batches(images, predictor.meta["preprocessing"], predictor.device, pipeline=pipeline,
                           transform=predictor.transform, batch_size=batch_size, workers=workers)
     t0 = time.perf_counter()
@@ -62,7 +79,7 @@ def evaluate(
     metrics = classification_metrics(logits, labels, images.classes)
     metrics.update({
         "checkpoint": str(path), "data": str(data), "split": split, "tta": "hflip" if tta_flip else "none", "pipeline": pipeline,
-        "skipped": [p for p, _ in skipped], "seconds": seconds, "images_per_s": len(labels) / max(seconds, 1e-9),
+        "classes_absent": absent, "skipped": [p for p, _ in skipped], "seconds": seconds, "images_per_s": len(labels) / max(seconds, 1e-9),
     })
     out = Path(out_dir) if out_dir else path.parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)

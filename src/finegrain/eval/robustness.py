@@ -19,6 +19,7 @@ from finegrain.checkpoint import resolve_checkpoint
 from finegrain.data.base import open_dataset
 from finegrain.data.dataset import collate, load_rgb
 from finegrain.eval.corruptions import CORRUPTIONS, MAX_SEVERITY, corrupt
+from finegrain.eval.evaluate import eval_images
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
 
@@ -87,10 +88,7 @@ def robustness_eval(
         raise ValueError(f"severities must be in 1..{MAX_SEVERITY}, got {list(severities)}")
     path = resolve_checkpoint(checkpoint)
     predictor = Predictor.from_checkpoint(path, device=device)
-    images = open_dataset(data, split, dataset=dataset)
-    if images.classes != predictor.classes:
-        raise ValueError(f"the classes of {data} ({len(images.classes)}) differ from the checkpoint's "
-                         f"({len(predictor.classes)}); evaluate on the data set the model was trained on")
+    images, _ = eval_images(open_dataset(data, split, dataset=dataset), predictor.classes, data)
     if limit is not None:
         images = images.subset(list(range(min(limit, len(images)))))
     prep = predictor.meta["preprocessing"]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from finegrain import checkpoint as ckpt
 from finegrain.config import ModelConfig, TrainConfig
 from finegrain.data.base import ImageList, open_dataset
-from finegrain.data.dataset import ImageDataset, collate
+from finegrain.data.dataset import ImageDataset, check_files, collate
 from finegrain.data.sampler import SeededItems, epoch_batches
 from finegrain.data.transforms import eval_transform, train_transform
 from finegrain.fewshot.evaluate import compute_features, evaluate_episodes
@@ -30,7 +30,7 @@ from finegrain.tasks.fewshot import EpisodicTask, build_method, fewshot_method
 from finegrain.train.logger import RunLogger
 from finegrain.train.optim import build_optimizer, build_scheduler
 from finegrain.train.trainer import StepConfig, Trainer, TrainSetup, open_job
-from finegrain.utils import resolve_device
+from finegrain.utils import console, resolve_device
 
 
 def open_all_images(data: str | Path, dataset: str | None = None) -> ImageList:
@@ -39,10 +39,16 @@ def open_all_images(data: str | Path, dataset: str | None = None) -> ImageList:
     try:
         test = open_dataset(data, "test", dataset=dataset)
     except (ValueError, FileNotFoundError):
-        return train
-    if test.classes != train.classes:
+        test = None
+    if test is not None and test.classes != train.classes:
         raise ValueError(f"{data}: the test split has other classes than the train split")
-    return ImageList(train.paths + test.paths, train.labels + test.labels, train.classes, source=train.source)
+    images = train if test is None else ImageList(train.paths + test.paths, train.labels + test.labels, train.classes,
+                                                  source=train.source)
+    missing = check_files(images, str(data))
+    if missing:
+        console.print(f"[yellow]{len(missing)} of {len(images)} image files do not exist (e.g. {missing[0]}); "
+                      "episodes skip them")
+    return images
 
 
 def _preprocessing(model, img_size: int | None, mean=None, std=None) -> dict:

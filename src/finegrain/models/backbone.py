@@ -6,7 +6,10 @@ Models keep timm's contract (``forward_features``, ``forward_head``, ``reset_cla
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -28,24 +31,48 @@ def check_backbone(name: str) -> None:
     raise ValueError(msg + " List them with `finegrain list-backbones PATTERN`.")
 
 
+def torch_load_safely(path: str | Path, what: str, advice: str) -> Any:
+    """``torch.load(weights_only=True)`` of ``path``, with every failure as a ``ValueError`` naming ``what``.
+
+    Only tensors, numbers, strings and containers are unpickled: a pickle that names any other
+    global (code that would run on load) is refused before it runs. ``advice`` ends the message
+    for a file that is not plain tensors.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise ValueError(f"{path} ({what}) holds objects other than tensors and numbers ({found.group(1)}), so it "
+                             f"was not loaded and nothing in it ran. {advice}") from None
+        raise ValueError(f"{path} ({what}) is truncated or corrupt, or not a torch file") from None
+    except Exception as e:  # noqa: BLE001  (zip, EOF and format errors alike)
+        raise ValueError(f"{path} ({what}) is truncated or corrupt, or not a torch file: {e}") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a weights file (.safetensors, or a torch pickle holding a state dict)."""
+    """Load a weights file (.safetensors, or a torch pickle holding a state dict, read tensors-only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file {path} does not exist (pass 'hub', 'none' or a file path)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"pretrained weights file {path} is not a readable safetensors file "
+                             f"(truncated or corrupt?): {e}") from None
     elif path.suffix in WEIGHT_SUFFIXES:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch_load_safely(path, "pretrained weights", "Convert it to a plain state dict "
+                               "(torch.save(model.state_dict(), ...)) or to .safetensors from a copy you trust.")
         for key in ("state_dict", "model", "model_state_dict", "module"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
                 break
     else:
         raise ValueError(f"unsupported weights file {path}: use one of {', '.join(WEIGHT_SUFFIXES)}")
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 

@@ -26,6 +26,7 @@ from finegrain.checkpoint import resolve_checkpoint
 from finegrain.data.base import ImageList, open_dataset
 from finegrain.data.dataset import ImageDataset, collate, load_rgb
 from finegrain.data.split import load_split
+from finegrain.eval.evaluate import eval_images
 from finegrain.eval.metrics import (
     classification_metrics,
     expected_calibration_error,
@@ -126,10 +127,7 @@ def build_report(
     dataset = dataset or config.get("data", {}).get("dataset")
 
     predictor = Predictor.from_checkpoint(ckpt_path, device=device)
-    images = _open_split(run_dir, data, split, dataset)
-    if images.classes != predictor.classes:
-        raise ValueError(f"the classes of {data} ({len(images.classes)}) differ from the checkpoint's "
-                         f"({len(predictor.classes)}); build the report on the data set the model was trained on")
+    images, _ = eval_images(_open_split(run_dir, data, split, dataset), predictor.classes, data)
     ev = _evaluate(predictor, images, split, batch_size=batch_size, workers=workers)
     metrics = classification_metrics(ev.logits, torch.as_tensor(ev.labels), images.classes)
     split_text = {"test": "test split", "val": "validation split (held out of train, split.json)",

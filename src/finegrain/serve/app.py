@@ -9,10 +9,16 @@ Untrusted input is checked before it costs anything: the upload size (``Content-
 bytes actually read), the content type, and the pixel count from the image header (decompression
 bombs) before any pixel is decoded. Each problem is a 4xx answer with a ``detail`` that says what
 was wrong and what is accepted.
+
+Memory is bounded under load: JPEGs are decoded reduced to near the model's input size, at most
+``decode_slots`` images are decoded at once, at most ``max_inflight`` requests are in progress
+(503 with ``Retry-After`` past that), and freed memory goes back to the OS when the server is
+idle (:mod:`finegrain.serve.limits`).
 """
 
 import asyncio
 import io
+import math
 import queue
 import threading
 import time
@@ -24,6 +30,7 @@ from typing import Any
 import torch
 
 from finegrain.predict import Predictor
+from finegrain.serve.limits import Busy, RequestGate
 
 MULTIPART = "multipart/form-data"
 
@@ -37,17 +44,21 @@ def _require_fastapi():
 
 
 class InputError(Exception):
-    """A client error: ``status`` (4xx) and a message for the ``detail`` field."""
+    """A client error: ``status`` (4xx, or 503 with ``Retry-After``) and a message for the ``detail`` field."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.headers = status, detail, headers
 
 
-def decode_image(data: bytes, *, max_pixels: int):
+def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None):
     """Decode untrusted bytes into an RGB PIL image, or raise :class:`InputError`.
 
     The pixel count is read from the header and checked against ``max_pixels`` before decoding.
+    With ``min_side``, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale whose
+    sides are still at least ``min_side`` (Pillow's ``draft``: a 6000x6000 photo costs 1/64 of
+    the memory and time when the model needs 256 px); ``info["original_size"]`` keeps the size
+    the file declares.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -60,9 +71,11 @@ def decode_image(data: bytes, *, max_pixels: int):
             if w * h > max_pixels:
                 raise InputError(413, f"image is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
                                       "(--max-pixels); resize it first")
-            im.draft("RGB", (w, h))  # keeps JPEG decoding at full size but skips needless work
+            im.draft("RGB", (min_side, min_side) if min_side else (w, h))  # other formats ignore it
             im.load()
-            return im.convert("RGB")
+            rgb = im.convert("RGB")
+            rgb.info["original_size"] = (w, h)
+            return rgb
     except InputError:
         raise
     except Image.DecompressionBombError as e:
@@ -104,7 +117,7 @@ class MicroBatcher:
     def submit(self, image: torch.Tensor) -> Future:
         """Queue one preprocessed image ``[3, H, W]``; the future gets its softmax scores ``[C]``."""
         if self._queue.qsize() >= self.max_queue:
-            raise InputError(503, f"server busy: {self.max_queue} images already queued; retry shortly")
+            raise InputError(503, f"server busy: {self.max_queue} images already queued; retry shortly", {"Retry-After": "1"})
         self.start()
         fut: Future = Future()
         self._queue.put((image, fut))
@@ -139,8 +152,50 @@ class MicroBatcher:
                         fut.set_exception(e)
 
 
+async def read_upload(request, max_bytes: int) -> bytes:
+    """The image bytes of a request: a multipart ``file`` field or a raw ``image/*`` body, at most ``max_bytes``."""
+    mb = f"{max_bytes / 1024 / 1024:g} MB"
+    declared = request.headers.get("content-length")
+    limit = max_bytes + 64 * 1024  # multipart framing around the file
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InputError(413, f"upload of {int(declared):,} bytes exceeds the {mb} limit (--max-upload-mb)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise InputError(413, f"upload exceeds the {mb} limit (--max-upload-mb)")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype.startswith("image/"):
+        data = bytes(body)
+    elif ctype == MULTIPART:
+        request._body = bytes(body)  # starlette re-reads the cached body when parsing the form
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(400, f"malformed multipart form: {e}") from e
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise InputError(422, "the form has no file field named 'file' (curl -F file=@bird.jpg ...)")
+        part_type = (upload.content_type or "").split(";")[0].strip().lower()
+        if part_type and not (part_type.startswith("image/") or part_type == "application/octet-stream"):
+            raise InputError(415, f"file content type {part_type!r} is not an image type (image/jpeg, image/png, ...)")
+        data = await upload.read()
+    else:
+        raise InputError(415, f"content type {ctype or 'none'!r} is not accepted: send multipart/form-data with a "
+                              "'file' field, or the raw image with an image/* content type")
+    if len(data) > max_bytes:
+        raise InputError(413, f"image of {len(data):,} bytes exceeds the {mb} limit (--max-upload-mb)")
+    return data
+
+
+def _decode_side(preprocessing: dict) -> int:
+    """The shorter side the eval transform resizes to: no JPEG needs decoding larger than this."""
+    return math.ceil(int(preprocessing["img_size"]) / float(preprocessing.get("crop_pct") or 1.0))
+
+
 def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, max_pixels: int = 40_000_000, topk: int = 5,
-               batch_size: int = 16, max_wait_ms: float = 5.0, device: str = "auto"):
+               batch_size: int = 16, max_wait_ms: float = 5.0, device: str = "auto", max_inflight: int = 64,
+               decode_slots: int = 4):
     """Build the FastAPI app.
 
     Args:
@@ -151,6 +206,8 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
         batch_size: largest micro-batch.
         max_wait_ms: how long the first request of a batch waits for others.
         device: device when ``model`` is a path.
+        max_inflight: requests handled at once; more get 503 with ``Retry-After`` (see :mod:`.limits`).
+        decode_slots: images decoded at once (each holds its decoded pixels).
     """
     _require_fastapi()
     from contextlib import asynccontextmanager
@@ -162,11 +219,13 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
     if max_upload_mb <= 0 or max_pixels <= 0 or batch_size < 1 or topk < 1:
         raise ValueError(f"--max-upload-mb ({max_upload_mb}), --max-pixels ({max_pixels}), --batch-size ({batch_size}) "
                          f"and --topk ({topk}) must be positive")
+    gate = RequestGate(max_inflight=max_inflight, decode_slots=decode_slots)
     predictor = model if isinstance(model, Predictor) else Predictor.from_checkpoint(model, device=device)
     classes = predictor.classes
     max_bytes = int(max_upload_mb * 1024 * 1024)
     default_topk = topk
     batcher = MicroBatcher(predictor, batch_size=batch_size, max_wait_ms=max_wait_ms)
+    side = _decode_side(predictor.meta["preprocessing"])
     info = {"backbone": predictor.meta.get("model", {}).get("backbone"), "task": predictor.meta.get("task"),
             "num_classes": len(classes), "img_size": predictor.meta["preprocessing"]["img_size"]}
 
@@ -177,44 +236,19 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
         await run_in_threadpool(batcher.stop)
 
     app = FastAPI(title="finegrain", summary="Fine-grained image classification", lifespan=lifespan)
-    app.state.predictor, app.state.batcher = predictor, batcher
+    app.state.predictor, app.state.batcher, app.state.gate = predictor, batcher, gate
 
     @app.exception_handler(InputError)
     async def _input_error(request, exc: InputError):
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
-    async def _read_upload(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        limit = max_bytes + 64 * 1024  # multipart framing around the file
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise InputError(413, f"upload of {int(declared):,} bytes exceeds the {max_upload_mb:g} MB limit (--max-upload-mb)")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise InputError(413, f"upload exceeds the {max_upload_mb:g} MB limit (--max-upload-mb)")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype.startswith("image/"):
-            data = bytes(body)
-        elif ctype == MULTIPART:
-            request._body = bytes(body)  # starlette re-reads the cached body when parsing the form
-            try:
-                form = await request.form(max_files=1, max_fields=8)
-            except Exception as e:  # noqa: BLE001
-                raise InputError(400, f"malformed multipart form: {e}") from e
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise InputError(422, "the form has no file field named 'file' (curl -F file=@bird.jpg ...)")
-            part_type = (upload.content_type or "").split(";")[0].strip().lower()
-            if part_type and not (part_type.startswith("image/") or part_type == "application/octet-stream"):
-                raise InputError(415, f"file content type {part_type!r} is not an image type (image/jpeg, image/png, ...)")
-            data = await upload.read()
-        else:
-            raise InputError(415, f"content type {ctype or 'none'!r} is not accepted: send multipart/form-data with a "
-                                  "'file' field, or the raw image with an image/* content type")
-        if len(data) > max_bytes:
-            raise InputError(413, f"image of {len(data):,} bytes exceeds the {max_upload_mb:g} MB limit (--max-upload-mb)")
-        return data
+    @app.exception_handler(Busy)
+    async def _busy(request, exc: Busy):
+        return JSONResponse({"detail": exc.detail}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+
+    def _preprocess(data: bytes):
+        image = decode_image(data, max_pixels=max_pixels, min_side=side)
+        return predictor.transform(image), image.info["original_size"]
 
     @app.post("/predict")
     async def predict(request: Request, topk: int | None = None) -> dict[str, Any]:
@@ -223,22 +257,25 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
         if not 1 <= k <= len(classes):
             raise InputError(422, f"topk must be between 1 and {len(classes)}, got {k}")
         start = time.perf_counter()
-        data = await _read_upload(request)
-        image = await run_in_threadpool(decode_image, data, max_pixels=max_pixels)
-        tensor = await run_in_threadpool(predictor.transform, image)
-        probs = await asyncio.wrap_future(batcher.submit(tensor))
+        async with gate.admit():
+            data = await read_upload(request, max_bytes)
+            async with gate.decoding():
+                tensor, size = await run_in_threadpool(_preprocess, data)
+            del data
+            probs = await asyncio.wrap_future(batcher.submit(tensor))
         scores, idx = probs.topk(k)
         return {
             "topk": [{"class": classes[j], "index": j, "score": round(s, 6)} for s, j in zip(scores.tolist(), idx.tolist())],
-            "image_size": list(image.size),
+            "image_size": list(size),
             "elapsed_ms": round(1000 * (time.perf_counter() - start), 2),
         }
 
-    def _heatmap(image) -> dict[str, Any]:
+    def _heatmap(data: bytes) -> dict[str, Any]:
         import base64
 
         from finegrain.explain.cam import default_method, display_crop, explain, overlay
 
+        image = decode_image(data, max_pixels=max_pixels, min_side=side)
         method = default_method(predictor.task.model)
         with batcher.model_lock:  # Grad-CAM needs the model to itself (gradients through the head)
             (heat, cls), = explain(predictor, [image], method=method)
@@ -251,12 +288,13 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
     async def explain_route(request: Request) -> dict[str, Any]:
         """Grad-CAM (attention rollout for ViTs) of the predicted class over the eval crop, as a PNG data URL (``heatmap``)."""
         start = time.perf_counter()
-        data = await _read_upload(request)
-        image = await run_in_threadpool(decode_image, data, max_pixels=max_pixels)
-        try:
-            out = await run_in_threadpool(_heatmap, image)
-        except ValueError as e:  # a model the method cannot explain
-            raise InputError(422, f"cannot explain this model: {e}") from e
+        async with gate.admit():
+            data = await read_upload(request, max_bytes)
+            try:
+                async with gate.decoding():
+                    out = await run_in_threadpool(_heatmap, data)
+            except ValueError as e:  # a model the method cannot explain
+                raise InputError(422, f"cannot explain this model: {e}") from e
         return {**out, "elapsed_ms": round(1000 * (time.perf_counter() - start), 2)}
 
     @app.get("/labels")
@@ -268,7 +306,7 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
     def health() -> dict[str, Any]:
         """Liveness plus model description and batching counters."""
         return {"status": "ok", **info, "batches": batcher.batches, "images": batcher.images,
-                "limits": {"max_upload_mb": max_upload_mb, "max_pixels": max_pixels}}
+                "limits": {"max_upload_mb": max_upload_mb, "max_pixels": max_pixels}, "load": gate.stats()}
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

@@ -14,6 +14,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image area (413 above)")
     p.add_argument("--batch-size", type=int, default=16, help="largest micro-batch of concurrent requests")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-inflight", type=int, default=64,
+                   help="requests handled at once; more get 503 with Retry-After (bounds memory under load)")
+    p.add_argument("--decode-slots", type=int, default=4, help="images decoded at the same time")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -25,6 +28,7 @@ def _cmd_serve(args) -> int:
     except ImportError as e:
         raise ImportError(f"serving needs the 'serve' extra: pip install 'finegrain[serve]' ({e})") from e
     app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, topk=args.topk,
-                     batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, device=args.device)
+                     batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, device=args.device,
+                     max_inflight=args.max_inflight, decode_slots=args.decode_slots)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -90,6 +90,15 @@ def all_reduce_sums(world: World, values: list[float], device: torch.device) -> 
     return t.tolist()
 
 
+def all_gather_lists(world: World, items: list) -> list:
+    """The concatenation of every rank's ``items`` (picklable), in rank order, on every rank."""
+    if not world.distributed:
+        return list(items)
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
 def shard(indices: list[int], world: World) -> list[int]:
     """Rank ``r``'s share ``indices[r::N]`` of an order, padded by wrapping so all ranks get as many.
 

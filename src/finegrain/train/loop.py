@@ -14,6 +14,15 @@ from torch import nn
 from finegrain.data.transforms import BatchMixer, normalize_batch
 
 
+class NoImagesError(ValueError):
+    """None of a loader's images could be read; ``skipped`` lists ``(path, error)`` of each."""
+
+    def __init__(self, skipped: list):
+        self.skipped = skipped
+        example = f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        super().__init__(f"no readable images to evaluate: all {len(skipped)} failed to load{example}")
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
@@ -183,5 +192,5 @@ def predict_loader(
         if on_batch is not None:
             on_batch(batch["label"].shape[0])
     if not all_logits:
-        raise ValueError("no readable images to evaluate")
+        raise NoImagesError(skipped)
     return torch.cat(all_logits), torch.cat(all_labels), skipped

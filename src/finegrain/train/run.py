@@ -17,7 +17,7 @@ from finegrain import checkpoint as ckpt
 from finegrain.config import RunConfig
 from finegrain.data.base import ImageList, open_dataset
 from finegrain.data.cache import CachedImageDataset, open_or_build_cache
-from finegrain.data.dataset import ImageDataset, check_annotations, collate
+from finegrain.data.dataset import ImageDataset, check_annotations, check_files, collate
 from finegrain.data.device import DeviceAugment, DevicePrefetcher, EncodedImageDataset, collate_device, device_batch, eval_batches
 from finegrain.data.sampler import epoch_batches
 from finegrain.data.split import load_split, save_split, stratified_split
@@ -28,11 +28,11 @@ from finegrain.train import distributed as dist_
 from finegrain.train.balance import class_weights
 from finegrain.train.distributed import World
 from finegrain.train.logger import RunLogger
-from finegrain.train.loop import predict_loader
+from finegrain.train.loop import NoImagesError, predict_loader
 from finegrain.train.optim import build_optimizer, build_scheduler
 from finegrain.train.plan import Plan, make_plan, preprocessing
 from finegrain.train.trainer import StepConfig, Trainer, TrainSetup, seed_everything
-from finegrain.utils import resolve_device
+from finegrain.utils import console, resolve_device
 
 
 @dataclass
@@ -106,14 +106,19 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
     if len(images.classes) < 2:
         raise ValueError(f"{cfg.data.data} has {len(images.classes)} class ({', '.join(images.classes) or 'none'}); a classifier "
                          "needs at least two (one folder per class), or it scores a meaningless 100%")
+    missing = check_files(images, cfg.data.data)
+    if missing and plan.is_main:
+        console.print(f"[yellow]{len(missing)} of {len(images)} image files do not exist (e.g. {missing[0]}); they are skipped "
+                      "and listed in the run folder's skipped_images.txt")
     # a task trained on boxes / part locations: the data must have them and nothing may drop or scramble them
     check_annotations(images, plan.annotations, task=cfg.model.task, cache=cfg.data.cache,
                       mixing=cfg.data.cutmix > 0 or cfg.data.mixup > 0, augment=cfg.data.augment, pipeline=plan.pipeline)
     run_dir = _resume_dir(cfg.train.resume) if cfg.train.resume else Path(
         dist_.broadcast_object(plan.world, str(_new_run_dir(cfg)) if plan.is_main else None))
-    train_idx, val_idx = _split(run_dir, images, plan)
+    train_idx, val_idx = _split(run_dir, images, plan, resume=bool(cfg.train.resume))
     if plan.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        ckpt.atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     model = build_backbone(cfg, len(images.classes), pretrained="none" if cfg.train.resume else None)
     plan = plan.with_model(model)
     task = build_task(cfg, model, len(images.classes), plan.preprocessing)
@@ -228,22 +233,32 @@ def _validate(module, *, val_set: ImageList, plan: Plan) -> dict:
                                    interpolation=prep["interpolation"])
         loader = eval_batches(val_set.subset(mine), prep, device, pipeline=plan.pipeline, transform=transform,
                               batch_size=cfg.data.batch_size * 2, workers=cfg.data.workers)
-        logits, labels, _ = predict_loader(module.predict, loader, device=device, amp=cfg.train.amp,
-                                           channels_last=cfg.train.channels_last)
-        loss_sum = F.cross_entropy(logits, labels, reduction="sum").item()
-        correct, n = (logits.argmax(1) == labels).sum().item(), labels.numel()
+        try:
+            logits, labels, skipped = predict_loader(module.predict, loader, device=device, amp=cfg.train.amp,
+                                                     channels_last=cfg.train.channels_last)
+        except NoImagesError as e:
+            logits, labels, skipped = None, None, e.skipped
+        if logits is not None:
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum").item()
+            correct, n = (logits.argmax(1) == labels).sum().item(), labels.numel()
     loss_sum, correct, n = dist_.all_reduce_sums(world, [loss_sum, correct, n], device)
+    skipped = dist_.all_gather_lists(world, skipped if mine else [])
     if n == 0:
-        raise ValueError("no readable validation images")
-    return {"val_loss": loss_sum / n, "val_top1": 100.0 * correct / n}
+        raise ValueError(f"none of the {len(val_set)} validation images could be read (e.g. {skipped[0][0] if skipped else '?'}: "
+                         f"{skipped[0][1] if skipped else '?'}); check the files, or train with --val-fraction 0")
+    return {"val_loss": loss_sum / n, "val_top1": 100.0 * correct / n, "skipped": skipped}
 
 
-def _split(run_dir: Path, images: ImageList, plan: Plan) -> tuple[list[int], list[int]]:
-    """Rank 0 reads or writes ``split.json``; the others read it once it is complete."""
+def _split(run_dir: Path, images: ImageList, plan: Plan, *, resume: bool) -> tuple[list[int], list[int]]:
+    """Rank 0 reads (on resume) or writes ``split.json``; the others read it once it is complete.
+
+    A new run always draws its own split: a ``split.json`` left by an earlier start that failed
+    before training (no checkpoint in the folder) is replaced, not reused.
+    """
     cfg, split_file = plan.cfg, run_dir / "split.json"
     train_idx = val_idx = None
     if plan.is_main:
-        if split_file.exists():
+        if resume and split_file.exists():
             train_idx, val_idx = load_split(split_file, images)
         else:
             train_idx, val_idx = stratified_split(images.labels, cfg.data.val_fraction, cfg.data.split_seed)

@@ -192,13 +192,15 @@ class Trainer:
                                  ema=setup.ema, amp=s.amp, channels_last=s.channels_last, normalize=s.normalize,
                                  on_step=on_step)
         tr = _reduce_train(self.world, tr, self.device)
-        for path, err in tr.pop("skipped"):
-            self.skipped[path] = err
         row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "lr": setup.optimizer.param_groups[-1]["lr"], "images_per_s": tr["images_per_s"],
-               "epoch_seconds": tr["seconds"], "skipped_images": len(self.skipped)}
+               "epoch_seconds": tr["seconds"]}
+        skipped = tr.pop("skipped")
         if setup.validate is not None:
             row.update(setup.validate(self._eval_module(setup)))
+            skipped += row.pop("skipped", [])  # validation's unreadable images are listed too
+        self.skipped.update(dict(skipped))
+        row["skipped_images"] = len(self.skipped)
         at.epoch, at.step = epoch + 1, 0
         return row
 
@@ -368,7 +370,10 @@ def print_epoch(row: dict, metric: str = "val_top1") -> None:
     if metric in row:
         name = "val top-1" if metric == "val_top1" else metric.replace("_", " ")
         msg += f" {name} {row[metric]:.2f}%" + (f" +- {row['val_ci95']:.2f}" if "val_ci95" in row else "")
-    console.print(msg + f" | {row['images_per_s']:.1f} img/s")
+    msg += f" | {row['images_per_s']:.1f} img/s"
+    if row.get("skipped_images"):
+        msg += f" | [yellow]{row['skipped_images']} images skipped[/yellow]"
+    console.print(msg)
 
 
 def seed_everything(seed: int) -> None:
@@ -400,10 +405,6 @@ def _reduce_train(world: World, tr: dict, device: torch.device) -> dict:
     """Training metrics of all ranks together (every rank gets the same numbers)."""
     if not world.distributed:
         return tr
-    import torch.distributed as dist
-
     loss, correct, n = dist_.all_reduce_sums(world, [tr["loss"] * tr["images"], tr["acc"] * tr["images"], tr["images"]], device)
-    gathered: list = [None] * world.size
-    dist.all_gather_object(gathered, tr["skipped"])
     return {**tr, "loss": loss / max(n, 1), "acc": correct / max(n, 1), "images": int(n),
-            "images_per_s": n / max(tr["seconds"], 1e-9), "skipped": [s for part in gathered for s in part]}
+            "images_per_s": n / max(tr["seconds"], 1e-9), "skipped": dist_.all_gather_lists(world, tr["skipped"])}

@@ -79,9 +79,36 @@ def test_center_update_moves_each_class_once_by_the_mean_of_its_images():
     before = task.feature_center.clone()
     feats = torch.randn(5, before.shape[1], generator=g)
     labels = torch.tensor([2, 0, 2, 2, 0])  # class 1 absent: its centre must not move
-    task.update_centers(feats, labels, F.normalize(before[labels], dim=-1))
+    task.update_centers(feats, labels)
     expected = before.clone()
     for c in (0, 2):
         mine = feats[labels == c]
         expected[c] = before[c] + 0.1 * (mine.mean(0) - F.normalize(before[c], dim=0))
     torch.testing.assert_close(task.feature_center, expected)
+
+
+def test_center_update_under_ddp_equals_the_update_on_all_ranks_images(monkeypatch):
+    """Rank 0's update, with a fake all-reduce adding rank 1's sums, is the 1-process update on both batches."""
+    import torch.distributed as dist
+
+    from finegrain.models.losses import class_sums
+
+    def build():
+        torch.manual_seed(0)
+        return build_task("wsdan", create_backbone("test_resnet", num_classes=3, pretrained="none"), 3, num_parts=2,
+                          center_momentum=0.1)
+
+    g = torch.Generator().manual_seed(1)
+    single, rank0 = build(), build()
+    start = torch.randn(single.feature_center.shape, generator=g)
+    single.feature_center.copy_(start)
+    rank0.feature_center.copy_(start)
+    feats = torch.randn(6, start.shape[1], generator=g)
+    labels = torch.tensor([0, 2, 0, 2, 2, 1])  # rank 0 holds no image of class 1, rank 1 holds it
+    single.update_centers(feats, labels)
+    other = class_sums(feats[3:], labels[3:], 3)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t.add_(torch.cat([other[0], other[1][:, None]], 1)))
+    rank0.update_centers(feats[:3], labels[:3])
+    torch.testing.assert_close(rank0.feature_center, single.feature_center)
+    assert not torch.equal(single.feature_center[1], start[1])

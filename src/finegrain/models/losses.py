@@ -53,21 +53,70 @@ class FocalLoss(nn.Module):
         return -(t * weight * logp).sum(1).mean()
 
 
+def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class feature sums ``[C, D]`` and image counts ``[C]`` (float32) of one batch, summed over ranks.
+
+    Under ``torch.distributed`` (when a process group is initialised) both are all-reduced, so
+    every rank sees the global batch's sums and makes the same update to a buffer of class
+    centres; DDP broadcasts buffers from rank 0 before each forward, so an update made from the
+    local batch alone would keep only rank 0's images. On one process nothing is reduced.
+    """
+    feats = features.detach().float()
+    sums = torch.zeros(num_classes, feats.shape[1], device=feats.device).index_add_(0, labels, feats)
+    counts = torch.bincount(labels, minlength=num_classes).to(sums)
+    return _all_reduce_sum(sums, counts)
+
+
+def _all_reduce_sum(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums, counts)`` summed over the process group (one collective), or as given without one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return sums, counts
+    packed = torch.cat([sums, counts[:, None]], dim=1)
+    dist.all_reduce(packed)
+    return packed[:, :-1], packed[:, -1]
+
+
 @LOSSES.register("center")
 class CenterLoss(nn.Module):
-    """``1/2 mean_i ||f_i - c_{y_i}||^2`` with one learnable center per class.
+    """``1/2 mean_i ||f_i - c_{y_i}||^2`` with one centre per class, moved by Wen et al.'s rule.
 
-    The centers are parameters trained by the optimizer (the gradient step of Wen et al. with
-    the optimizer's learning rate in place of their separate alpha).
+    "A Discriminative Feature Learning Approach for Deep Face Recognition" (Wen et al., ECCV 2016),
+    Eq. 4 and Algorithm 1: the centres are not trained by the network's optimizer (so neither the
+    loss weight lambda, the learning rate nor weight decay touch them); after each training
+    forward every class ``j`` in the batch moves by its own rate ``alpha``::
+
+        delta_j = sum_{i: y_i = j} (c_j - x_i) / (1 + n_j),   c_j <- c_j - alpha * delta_j
+
+    with ``n_j`` the class's images in the (global, under DDP) batch; absent classes stay put.
+    The centres are a buffer (saved in checkpoints, not a parameter).
+
+    Args:
+        alpha: the centres' rate (the paper's default 0.5).
     """
 
-    def __init__(self, *, num_classes: int, feat_dim: int, label_smoothing: float = 0.0):
+    def __init__(self, *, num_classes: int, feat_dim: int, label_smoothing: float = 0.0, alpha: float = 0.5):
         super().__init__()
-        self.centers = nn.Parameter(torch.randn(num_classes, feat_dim) * 0.01)
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"center loss alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+        self.register_buffer("centers", torch.randn(num_classes, feat_dim) * 0.01)
 
     def forward(self, *, logits, features, target, labels):
         diff = features.float() - self.centers[labels]
-        return 0.5 * diff.pow(2).sum(1).mean()
+        loss = 0.5 * diff.pow(2).sum(1).mean()
+        if self.training and torch.is_grad_enabled():
+            self.update_centers(features, labels)
+        return loss
+
+    @torch.no_grad()
+    def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step of Wen et al.'s centre update from a batch (all ranks' images under DDP)."""
+        sums, counts = class_sums(features, labels, self.centers.shape[0])
+        c = self.centers.float()
+        delta = (counts[:, None] * c - sums) / (1 + counts[:, None])
+        self.centers.copy_((c - self.alpha * delta).to(self.centers.dtype))
 
 
 def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

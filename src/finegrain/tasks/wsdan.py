@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain.models.losses import class_sums
 from finegrain.models.pooling import signed_sqrt
 from finegrain.tasks.base import TASKS, Task, TaskOptions, option
 from finegrain.tasks.fgvc import check_feature_map
@@ -138,16 +139,20 @@ class WSDANTask(Task):
         lo, hi = lo_hi
         return lo + (hi - lo) * torch.rand(n, device=device)
 
-    def update_centers(self, feats: torch.Tensor, labels: torch.Tensor, center: torch.Tensor) -> None:
+    def update_centers(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
         """One step per class present in the batch: ``c_y += beta (mean_{i: y_i = y} f_i - normalize(c_y))``.
 
         The authors' update ``c[y] += beta (f - normalize(c[y]))`` writes once per class when
         several images share one (advanced-index assignment keeps one of them); the mean of the
-        class's images is that one step made independent of which image is written last.
+        class's images is that one step made independent of which image is written last. Under
+        DDP the per-class sums and counts are all-reduced first (:func:`class_sums`), so the mean
+        is over every rank's images and all ranks make the same update.
         """
-        counts = torch.bincount(labels, minlength=self.feature_center.shape[0]).clamp_min(1).to(feats.dtype)
-        step = (feats - center) / counts[labels, None]
-        self.feature_center.index_add_(0, labels, (self.center_momentum * step).to(self.feature_center.dtype))
+        sums, counts = class_sums(feats, labels, self.feature_center.shape[0])
+        present = counts > 0
+        c = self.feature_center[present].float()
+        mean = sums[present] / counts[present, None]
+        self.feature_center[present] = (c + self.center_momentum * (mean - F.normalize(c, dim=-1))).to(self.feature_center.dtype)
 
     def forward(self, batch):
         images, labels = batch["image"], batch["label"]
@@ -158,7 +163,7 @@ class WSDANTask(Task):
         center_loss = (feats - center).pow(2).sum() / feats.shape[0]
         if self.training:
             with torch.no_grad():
-                self.update_centers(feats.detach(), labels, center)
+                self.update_centers(feats.detach(), labels)
         with torch.no_grad():
             # one map per image for the crop and one for the drop, drawn by sqrt of their mass
             weights = torch.sqrt(maps.detach().float().sum((2, 3)) + 1e-12)

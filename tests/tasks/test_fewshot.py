@@ -75,3 +75,64 @@ def test_baseline_fits_the_support_set():
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     assert task.episode_logits(support, labels, support, 2).argmax(1).tolist() == labels.tolist()
     assert set(fewshot_methods()) == {"baseline", "maml", "protonet", "relationnet"}
+
+
+def test_relationnet_class_feature_is_the_sum_over_shots():
+    """Sung et al. Sec. 3.3: the K shots' embeddings are summed element-wise (a naive sum, not the mean)."""
+    torch.manual_seed(0)
+    task = build_method("relationnet", create_backbone("conv4", num_classes=0), n_way=2, k_shot=3)
+    support, labels, query = torch.randn(6, 64), torch.tensor([0, 0, 0, 1, 1, 1]), torch.randn(2, 64)
+    seen = []
+    task.relation_module.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    logits = task.episode_logits(support, labels, query, 2)
+    pairs = seen[0].view(2, 2, -1)  # [query, class, 2 * dim]: the class feature, then the query
+    for c in range(2):
+        naive = support[3 * c] + support[3 * c + 1] + support[3 * c + 2]
+        torch.testing.assert_close(pairs[:, c, :64], naive.expand(2, 64))
+    torch.testing.assert_close(pairs[:, :, 64:], query[:, None].expand(2, 2, 64))
+    assert logits.shape == (2, 2)
+
+
+def test_maml_meta_test_normalises_with_each_batch_and_ignores_running_statistics():
+    """Transductive batch norm at meta-test (the authors' code): perturbing the running stats changes nothing."""
+    torch.manual_seed(0)
+    task = build_method("maml", create_backbone("conv4", num_classes=0), n_way=3, k_shot=1, eval_steps=2).eval()
+    support, labels, query = torch.randn(3, 3, 32, 32), torch.arange(3), torch.randn(6, 3, 32, 32)
+    base = task.episode_logits(support, labels, query, 3)
+    bn = [m for m in task.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in bn]
+    for m in bn:
+        m.running_mean.add_(5.0)
+        m.running_var.mul_(30.0)
+    torch.testing.assert_close(task.episode_logits(support, labels, query, 3), base)
+    for m, (mean, var, n) in zip(bn, before):  # neither used nor updated by the episode
+        torch.testing.assert_close(m.running_mean, mean + 5.0)
+        torch.testing.assert_close(m.running_var, var * 30.0)
+        assert int(m.num_batches_tracked) == n and not m.training
+    with torch.no_grad():  # an eval-mode forward does use them: the perturbation is one the test can see
+        perturbed = task.model(query)
+        for m, (mean, var, _) in zip(bn, before):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        assert not torch.allclose(task.model(query), perturbed)
+
+
+def test_baseline_plus_plus_trains_the_base_classes_with_the_cosine_classifier():
+    """Chen et al.'s Baseline++ (the authors' distLinear): scale * g_c * cos(x, v_c), scale 2 up to 200 classes."""
+    from finegrain.tasks.fewshot import BaselineTask, CosineClassifier, embed
+
+    torch.manual_seed(0)
+    task = BaselineTask(create_backbone("conv4", num_classes=4), 4, head="cosine")
+    assert isinstance(task.base_head, CosineClassifier) and task.base_head.scale == 2.0
+    images, y = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0])
+    out = task({"image": images, "label": y})
+    x = embed(task.model, images)
+    v, g = task.base_head.weight, task.base_head.gain
+    naive = torch.stack([torch.stack([2.0 * g[c] * torch.dot(x[i], v[c]) / (x[i].norm() * v[c].norm()) for c in range(4)])
+                         for i in range(5)])
+    torch.testing.assert_close(out["logits"], naive, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g, v.norm(dim=1))  # the weight-norm gain starts at the weight's norm
+    out["loss"].backward()
+    assert [n for n, p in task.named_parameters() if p.grad is None] == []
+    linear = BaselineTask(create_backbone("conv4", num_classes=4), 4, head="linear")
+    assert linear.base_head is None and linear.model.num_classes == 4  # Baseline keeps the linear classifier

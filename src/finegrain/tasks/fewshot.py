@@ -5,8 +5,9 @@
   arXiv:1711.06025.
 - MAML: Finn et al., "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
   arXiv:1703.03400 (second order, or first order with ``first_order=True``).
-- Baseline: Chen et al., "A Closer Look at Few-shot Classification", arXiv:1904.04232 (frozen
-  embeddings + a linear or cosine classifier fine-tuned on the support set).
+- Baseline and Baseline++: Chen et al., "A Closer Look at Few-shot Classification",
+  arXiv:1904.04232 (a classifier of the base classes, then frozen embeddings + a classifier
+  fine-tuned on the support set; Baseline++ uses a cosine classifier for both).
 
 A batch is an episode laid out by :class:`finegrain.fewshot.sampler.EpisodicSampler`: the first
 ``n_way * k_shot`` rows are the support set, the rest the queries, and labels are episode slots
@@ -19,6 +20,8 @@ loop's accuracy counts them) and the loss over the queries only.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +63,11 @@ def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
     """Class means ``[n_way, ...]`` of the support features."""
     return torch.stack([support[labels == c].mean(0) for c in range(n_way)])
+
+
+def class_sums(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """Per-class sums ``[n_way, ...]`` of the support features (RelationNet's K-shot class feature)."""
+    return torch.stack([support[labels == c].sum(0) for c in range(n_way)])
 
 
 def squared_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -159,7 +167,12 @@ class RelationNetOptions(TaskOptions):
 
 @TASKS.register("relationnet")
 class RelationNetTask(EpisodicTask):
-    """A learned relation module scores (prototype, query) pairs; MSE to the one-hot target.
+    """A learned relation module scores (class feature, query) pairs; MSE to the one-hot target.
+
+    The class feature is the element-wise sum of the class's K support embeddings, as in Sung
+    et al. (arXiv:1711.06025, Sec. 3.3: "we element-wise sum over the embedding module outputs of
+    all samples from each training class"), not their mean: with K > 1 shots the relation module
+    sees K times the one-shot magnitude, which it learns for the episode shape it trains on.
 
     Args:
         relation: "maps" concatenates backbone feature maps (``forward_features``, ``[B, C, H, W]``)
@@ -186,7 +199,7 @@ class RelationNetTask(EpisodicTask):
         return embed(self.model, images)
 
     def episode_logits(self, support, labels, query, n_way):
-        protos = prototypes(support, labels, n_way)
+        protos = class_sums(support, labels, n_way)
         q, n = query.shape[0], protos.shape[0]
         pairs = torch.cat([protos[None].expand(q, *protos.shape), query[:, None].expand(q, n, *query.shape[1:])], dim=2)
         return self.relation_module(pairs.flatten(0, 1)).view(q, n)
@@ -231,6 +244,24 @@ def maml_adapt(
     return params
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Inside, every BatchNorm layer of ``model`` normalises with the statistics of its own batch.
+
+    The layers in eval mode are switched to train mode (the other layers keep their mode: no
+    dropout is turned on) and back on exit. Pass the network copies of its buffers (as
+    :meth:`MAMLTask.episode_logits` does) to keep its running statistics unchanged.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training]
+    for m in norms:
+        m.train()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.eval()
+
+
 @dataclass
 class MAMLOptions(TaskOptions):
     inner_steps: int = option(5, "MAML: inner steps while training", flag="inner-steps")
@@ -242,6 +273,12 @@ class MAMLOptions(TaskOptions):
 @TASKS.register("maml")
 class MAMLTask(EpisodicTask):
     """Adapt the whole network (classifier of ``n_way`` outputs included) on the support set.
+
+    At meta-test (the task in eval mode) BatchNorm normalises the support set, and then the
+    queries, with each one's own batch statistics, never with running statistics: transductive
+    batch norm, as in the authors' reference code (Finn et al., arXiv:1703.03400; cbfinn/maml
+    normalises with batch statistics at test time, and so do learn2learn's MAML examples). The
+    running statistics are neither used nor updated by an evaluation episode.
 
     Args:
         inner_steps: inner gradient steps while training.
@@ -273,13 +310,21 @@ class MAMLTask(EpisodicTask):
             raise ValueError(f"this MAML model has a {self.num_classes}-way head; evaluate it with --n-way {self.num_classes}")
         training = self.training and torch.is_grad_enabled()
         params = dict(self.model.named_parameters())
-        if not training:  # evaluation: adapt a detached copy, first order is enough
-            params = {n: p.detach().requires_grad_() for n, p in params.items()}
+        buffers = dict(self.model.named_buffers())
+        if training:
+            return self._adapt_and_score(params, buffers, support, labels, query, training=True)
+        # evaluation: adapt a detached copy (first order is enough), batch statistics on copied buffers
+        params = {n: p.detach().requires_grad_() for n, p in params.items()}
+        with batch_statistics(self.model):
+            out = self._adapt_and_score(params, {n: b.clone() for n, b in buffers.items()}, support, labels, query,
+                                        training=False)
+        return out.detach()
+
+    def _adapt_and_score(self, params, buffers, support, labels, query, *, training: bool) -> torch.Tensor:
         with torch.enable_grad():
             adapted = maml_adapt(self.model, params, support, labels, steps=self.inner_steps if training else self.eval_steps,
-                                 inner_lr=self.inner_lr, first_order=self.first_order or not training)
-        out = functional_call(self.model, (adapted, dict(self.model.named_buffers())), (query,))
-        return out if training else out.detach()
+                                 inner_lr=self.inner_lr, first_order=self.first_order or not training, buffers=buffers)
+        return functional_call(self.model, (adapted, buffers), (query,))
 
     def infer(self, images):
         return self.model(images)
@@ -338,9 +383,30 @@ class _Head(nn.Module):
         return self.fn(x)
 
 
+class CosineClassifier(nn.Module):
+    """Baseline++'s classifier: ``scale * g_c * cos(x, v_c)`` (Chen et al., arXiv:1904.04232, Sec. 3.2).
+
+    As the authors' ``distLinear`` (CloserLookFewShot): the weight is weight-normalised per
+    class (direction ``v_c`` and a learnable norm ``g_c`` that starts at ``||v_c||``), the
+    inputs are L2-normalised, and the fixed scale is 2 for up to 200 classes, else 10.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, scale: float | None = None):
+        super().__init__()
+        linear = nn.Linear(in_features, num_classes, bias=False)  # torch's default init, as the authors'
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.gain = nn.Parameter(self.weight.detach().norm(dim=1))
+        self.scale = float(scale) if scale else (2.0 if num_classes <= 200 else 10.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gain[:, None] * F.normalize(self.weight, dim=1)
+        return self.scale * F.normalize(x, dim=1, eps=1e-5) @ w.t()
+
+
 @dataclass
 class BaselineOptions(TaskOptions):
-    head: str = option("linear", "baseline: classifier fine-tuned on the support set (linear, cosine)", flag="head")
+    head: str = option("linear", "baseline: classifier of the base classes and of each support set: linear (Baseline) "
+                       "or cosine (Baseline++)", flag="head")
     steps: int = option(100, "baseline: fine-tuning steps per episode", flag="finetune-steps")
     lr: float = option(0.01, "baseline: fine-tuning learning rate", flag="finetune-lr")
 
@@ -351,10 +417,12 @@ class BaselineOptions(TaskOptions):
 
 @TASKS.register("fewshot_baseline")
 class BaselineTask(EpisodicTask):
-    """Frozen (pretrained or supervised) embeddings + a classifier fine-tuned on each support set.
+    """A classifier of the base classes, then frozen embeddings + a classifier fine-tuned on each support set.
 
     Args:
-        head: "linear" (Baseline) or "cosine" (a Baseline++-style cosine classifier).
+        head: "linear" (Baseline: the backbone's linear classifier on the base classes, a linear
+            head on each support set) or "cosine" (Baseline++: a :class:`CosineClassifier` on the
+            base classes, replacing the backbone's own, and a cosine head on each support set).
         steps: fine-tuning steps per episode.
         lr: fine-tuning learning rate.
     """
@@ -367,7 +435,13 @@ class BaselineTask(EpisodicTask):
     def __init__(self, model, num_classes, *, n_way=5, k_shot=1, head: str = "linear", steps: int = 100,
                  lr: float = 0.01, label_smoothing=0.0):
         super().__init__(model, num_classes, n_way=n_way, k_shot=k_shot, label_smoothing=label_smoothing)
+        if head not in ("linear", "cosine"):
+            raise ValueError(f"--head must be linear or cosine, got {head!r}")
         self.head, self.steps, self.lr = head, steps, lr
+        self.base_head: nn.Module | None = None
+        if head == "cosine" and num_classes:
+            model.reset_classifier(0)
+            self.base_head = CosineClassifier(model.num_features, num_classes)
 
     def episode_logits(self, support, labels, query, n_way):
         clf = fit_support_head(support.flatten(1), labels, n_way, head=self.head, steps=self.steps, lr=self.lr)
@@ -378,7 +452,8 @@ class BaselineTask(EpisodicTask):
         """Baseline pre-training is plain classification of the base classes (a normal batch)."""
         if self.num_classes == 0:
             raise ValueError("this baseline has no base-class classifier to train; build it with num_classes = base classes")
-        logits = self.model(batch["image"])
+        images = batch["image"]
+        logits = self.model(images) if self.base_head is None else self.base_head(embed(self.model, images))
         return {"loss": F.cross_entropy(logits.float(), batch.get("target", batch["label"]), label_smoothing=self.label_smoothing),
                 "logits": logits}
 

@@ -1,7 +1,11 @@
-"""Attention blocks applied to the last feature map ``[B, C, H, W]`` (shape-preserving).
+"""Attention blocks applied to the last feature map ``[B, C, H, W]``.
+
+They keep the spatial size; all but "dual" keep the channels too, and a block that changes them
+says so in ``out_channels`` (what the pooling after it is built for).
 
 "dual" follows "Dual Attention Network for Scene Segmentation" (Fu et al., arXiv:1809.02983):
-a position (spatial self-attention) and a channel attention module, summed. "se" and "cbam" are
+a position (spatial self-attention) and a channel attention module, each between two 3x3
+conv + BN + ReLU layers, summed. "se" and "cbam" are
 timm's Squeeze-and-Excitation (Hu et al., arXiv:1709.01507) and CBAM (Woo et al.,
 arXiv:1807.06521) modules. "deform" is a residual 3x3 deformable convolution ("Deformable
 Convolutional Networks", Dai et al., arXiv:1703.06211) through ``torchvision.ops.deform_conv2d``.
@@ -77,17 +81,37 @@ class ChannelAttention(nn.Module):
         return x + self.beta * torch.bmm(attn, flat).view(b, c, h, w)
 
 
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
 @ATTENTIONS.register("dual")
 class DualAttention(nn.Module):
-    """DANet: position attention + channel attention, summed (``x`` is kept through both residuals)."""
+    """DANet's attention head: ``conv(PAM(conv_a(x))) + conv(CAM(conv_c(x)))``.
 
-    def __init__(self, channels: int):
+    As in the paper (Sec. 3.1 and Fig. 2) and the authors' ``DANetHead`` (junfu1115/DANet): each
+    branch reduces the input with a 3x3 conv + BN + ReLU to ``inter_channels`` (the authors'
+    ``in_channels // 4``), applies its attention module, and transforms the result with another
+    3x3 conv + BN + ReLU; the two branches are summed. The output has ``out_channels =
+    inter_channels`` channels.
+
+    Args:
+        channels: input channels.
+        inter_channels: channels of both branches and of the output (default ``channels // 4``).
+    """
+
+    def __init__(self, channels: int, inter_channels: int | None = None):
         super().__init__()
-        self.position = PositionAttention(channels)
+        inter = inter_channels or max(1, channels // 4)
+        self.out_channels = inter
+        self.position_in, self.channel_in = _conv_bn_relu(channels, inter), _conv_bn_relu(channels, inter)
+        self.position = PositionAttention(inter)
         self.channel = ChannelAttention()
+        self.position_out, self.channel_out = _conv_bn_relu(inter, inter), _conv_bn_relu(inter, inter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.position(x) + self.channel(x) - x  # each branch is x + its residual: keep x once
+        pos = self.position_out(self.position(self.position_in(x)))
+        return pos + self.channel_out(self.channel(self.channel_in(x)))
 
 
 @ATTENTIONS.register("deform")
@@ -124,5 +148,10 @@ FEATURE_MAP_ONLY = tuple(n for n in ATTENTIONS.names() if n != "none")
 
 
 def build_attention(name: str, channels: int) -> nn.Module:
-    """Build attention ``name`` for a ``channels``-channel feature map."""
+    """Build attention ``name`` for a ``channels``-channel feature map (see :func:`attention_channels` for its output)."""
     return ATTENTIONS.get(name)(channels)
+
+
+def attention_channels(block: nn.Module, channels: int) -> int:
+    """Channels of ``block``'s output for a ``channels``-channel input (its ``out_channels`` where it changes them)."""
+    return getattr(block, "out_channels", channels)

@@ -111,6 +111,7 @@ class FGVCTask(Task):
                                         nn.ReLU(inplace=True))
             channels = reduce_dim
         self.attention = _attention.build_attention(attention, channels)
+        channels = _attention.attention_channels(self.attention, channels)  # DANet's head reduces them
         self.pool = _pooling.build_pooling(pooling, channels, dim=pool_dim)
         # a token backbone's own head (used for its pooling) already applies its drop_rate
         self.head_drop = nn.Identity() if self.tokens else nn.Dropout(drop_rate)

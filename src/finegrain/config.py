@@ -123,6 +123,13 @@ class TrainConfig:
     resume: str | None = _f(None, "run folder or last checkpoint to continue exactly")
     wandb_project: str | None = _f(None, "also log each epoch to this Weights & Biases project (needs finegrain[track]; off when unset)")
     wandb_mode: str = _f("offline", "Weights & Biases mode: offline (files in the run folder; `wandb sync` later) or online")
+    # adversarial training (finegrain.train.adversarial); eps and step size in 1/255 of the [0, 1] pixel range
+    adv_attack: str = _f("none", "adversarial training: none, fgsm (Goodfellow et al. 2015), fast (FGSM from a random start, "
+                         "Wong et al. 2020) or pgd (Madry et al. 2018); examples against the task's own logits, model in eval mode")
+    adv_eps: float = _f(4.0, "adversarial L-inf radius in 1/255 of the pixel range (4: 4/255)")
+    adv_steps: int = _f(7, "PGD steps of --adv-attack pgd")
+    adv_step_size: float = _f(0.0, "step size in 1/255 for fast and pgd; 0: 1.25 eps (fast), 2.5 eps / steps (pgd)")
+    adv_ratio: float = _f(0.5, "fraction of each batch replaced by adversarial examples (1: Madry et al.; 0.5: Goodfellow et al.)")
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -144,6 +151,23 @@ class TrainConfig:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        self._check_adversarial()
+
+    def _check_adversarial(self) -> None:
+        if self.adv_attack == "none":
+            return
+        from finegrain.train.adversarial import ATTACKS
+
+        ATTACKS.check(self.adv_attack, "--adv-attack")
+        if not 0 < self.adv_eps <= 255:
+            raise ValueError(f"--adv-eps is in 1/255 of the pixel range and must be in (0, 255], got {self.adv_eps}")
+        if not 0.0 < self.adv_ratio <= 1.0:
+            raise ValueError(f"--adv-ratio must be in (0, 1], got {self.adv_ratio}")
+        if self.adv_steps < 1:
+            raise ValueError(f"--adv-steps must be at least 1, got {self.adv_steps}")
+        if self.adv_step_size < 0 or (self.adv_step_size and self.adv_attack == "fgsm"):
+            raise ValueError(f"--adv-step-size must be >= 0 and applies to fast and pgd (FGSM steps by eps), "
+                             f"got {self.adv_step_size} with --adv-attack {self.adv_attack}")
 
 
 @dataclass

@@ -30,13 +30,18 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_explain_score)
 
-    p = sub.add_parser("eval-robust", help="accuracy under noise, blur, JPEG, brightness, contrast, occlusion, rotation")
+    p = sub.add_parser("eval-robust", help="accuracy under noise, blur, JPEG, brightness, contrast, occlusion, rotation, "
+                                           "and FGSM/PGD attacks")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("--data", required=True)
     p.add_argument("--dataset", default=None)
     p.add_argument("--split", default="test", choices=("train", "test"))
-    p.add_argument("--corruptions", nargs="+", default=None, help="names (default: all)")
+    p.add_argument("--corruptions", nargs="+", default=None, help="names (default: all; none: no corruptions)")
     p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--attacks", nargs="+", default=[], metavar="ATTACK",
+                   help="L-inf attacks to run: fgsm, pgd, fast (default: none); settings are written to the results")
+    p.add_argument("--epsilons", nargs="+", type=float, default=[1, 2, 4], help="attack radii in 1/255 of the pixel range")
+    p.add_argument("--attack-steps", type=int, default=10, help="PGD steps (step size 2.5 eps / steps)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: robust-SPLIT beside the checkpoint)")
@@ -98,8 +103,10 @@ def _cmd_explain_score(args) -> int:
 def _cmd_eval_robust(args) -> int:
     from finegrain.eval.robustness import print_robustness, robustness_eval
 
-    r = robustness_eval(args.checkpoint, args.data, split=args.split, dataset=args.dataset, corruptions=args.corruptions,
-                        severities=args.severities, limit=args.limit, seed=args.seed, out_dir=args.out,
+    corruptions = [] if args.corruptions == ["none"] else args.corruptions
+    r = robustness_eval(args.checkpoint, args.data, split=args.split, dataset=args.dataset, corruptions=corruptions,
+                        severities=args.severities, attacks=args.attacks, epsilons=args.epsilons,
+                        attack_steps=args.attack_steps, limit=args.limit, seed=args.seed, out_dir=args.out,
                         batch_size=args.batch_size, workers=args.workers, device=args.device)
     print_robustness(r)
     print(f"results written to {r['out_dir']}")

@@ -89,6 +89,7 @@ def train_one_epoch(
     amp: bool = True,
     channels_last: bool = False,
     normalize: tuple | None = None,
+    adversarial: Callable | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Train ``task`` for one pass over ``loader``.
@@ -98,6 +99,10 @@ def train_one_epoch(
     ``image`` (a tensor, or a list of tensors of different sizes) and ``label`` and/or
     per-image ``targets``; the task's forward returns at least ``loss`` (``logits`` too for
     classifiers, which the accuracy is computed from).
+
+    With ``adversarial`` (an :class:`~finegrain.train.adversarial.AdversarialTraining`) part of
+    each batch is replaced, after CutMix/MixUp, by adversarial examples of ``task`` against the
+    batch's targets; the accuracy is then that of the mixed clean and adversarial batch.
 
     Returns:
         dict with ``loss``, ``acc`` (percent, against the un-mixed labels), ``images``,
@@ -119,6 +124,9 @@ def train_one_epoch(
         target = labels
         if mixer is not None and mixer.active and torch.is_tensor(images):
             images, target = mixer(images, labels)
+        if adversarial is not None:
+            with autocast(device, amp, cpu=True):  # the attack runs in the step's precision
+                images = adversarial(task, images, target)
         extra = {k: batch[k] for k in ANNOTATION_KEYS if k in batch}
         if "targets" in extra:
             extra["targets"] = _targets_to(extra["targets"], device)

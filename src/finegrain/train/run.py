@@ -25,6 +25,7 @@ from finegrain.data.transforms import AUGMENTS, BatchMixer, eval_transform, trai
 from finegrain.models.backbone import create_backbone
 from finegrain.tasks import TASKS, BuildContext
 from finegrain.train import distributed as dist_
+from finegrain.train.adversarial import adversarial_training
 from finegrain.train.balance import class_weights
 from finegrain.train.distributed import World
 from finegrain.train.logger import RunLogger
@@ -160,7 +161,8 @@ def _setup(plan: Plan, task, images: ImageList, train_idx: list[int], val_idx: l
         metric=plan.task_cls.selection_metric, forward=_forward(plan, task), ema=ema,
         mixer=BatchMixer(len(images.classes), cutmix=cfg.data.cutmix, mixup=cfg.data.mixup, prob=cfg.data.mix_prob),
         step=StepConfig(accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad, amp=cfg.train.amp,
-                        channels_last=cfg.train.channels_last, normalize=(prep["mean"], prep["std"])),
+                        channels_last=cfg.train.channels_last, normalize=(prep["mean"], prep["std"]),
+                        adversarial=adversarial_training(cfg.train, task, (prep["mean"], prep["std"]))),
         on_epoch_start=lambda epoch: setattr(seeded, "epoch", epoch))
 
 

@@ -50,6 +50,8 @@ class StepConfig:
     amp: bool = True
     channels_last: bool = False
     normalize: tuple | None = None
+    adversarial: Any = None
+    """An :class:`~finegrain.train.adversarial.AdversarialTraining` (``--adv-attack``), or None."""
 
 
 @dataclass
@@ -190,7 +192,7 @@ class Trainer:
             tr = train_one_epoch(setup.module, loader, setup.optimizer, setup.scheduler, device=self.device,
                                  forward=setup.forward, mixer=setup.mixer, accum_steps=s.accum_steps, clip_grad=s.clip_grad,
                                  ema=setup.ema, amp=s.amp, channels_last=s.channels_last, normalize=s.normalize,
-                                 on_step=on_step)
+                                 adversarial=s.adversarial, on_step=on_step)
         tr = _reduce_train(self.world, tr, self.device)
         row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "lr": setup.optimizer.param_groups[-1]["lr"], "images_per_s": tr["images_per_s"],

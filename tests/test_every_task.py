@@ -81,7 +81,14 @@ COMMANDS = {
                                         "--workers", "0", "--device", "cpu", "--out", str(t / "runs"), "--name", "s"],
     "enroll": lambda c, d, t: ["enroll", c, "--class", "Yellow_Bird", *map(str, sorted(Path(d).rglob("*Red_Bird_000*.jpg"))[:2]),
                                "--min-images", "2", "--out", str(t / "enrolled.safetensors"), "--device", "cpu"],
+    "calibrate": lambda c, d, t: ["calibrate", c, "--data", d, "--split", "train", "--bank-size", "4", "--k", "2",
+                                  "--out", str(t / "cal.safetensors"), "--workers", "0", "--device", "cpu"],
+    "eval-unknown": lambda c, d, t: ["eval", c, "--data", d, "--split", "test", "--workers", "0", "--out", str(t / "e"),
+                                     "--unknown", str(Path(d) / "CUB_200_2011" / "images")],
+    "predict-reject": lambda c, d, t: ["predict", c, str(Path(d) / "CUB_200_2011" / "images"), "--format", "json",
+                                       "--device", "cpu", "--reject", "energy", "--reject-threshold", "0.5"],
 }
+OPEN_WORLD = ("calibrate", "eval-unknown", "predict-reject")
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -89,7 +96,7 @@ COMMANDS = {
 def test_command_works_or_refuses_clearly(world, task, command, tmp_path, capsys):
     rc, text = run_cli(COMMANDS[command](*_common(world, task, tmp_path)), capsys)
     worked = check_outcome(task, rc, text)
-    if TASKS.get(task).outputs == "classes" and command in ("eval", "predict", "explain", "report", "export"):
+    if TASKS.get(task).outputs == "classes" and command in ("eval", "predict", "explain", "report", "export", *OPEN_WORLD):
         assert worked, f"{command} must work with every classifier task; {task} failed:\n{text[-2000:]}"
 
 

@@ -31,6 +31,8 @@ FORMAT_VERSION = 2
 1 (finegrain 0.1 before the checkpoint layer): flat task options in ``model``, ``source_checkpoint``;
 read as version 2."""
 META_KEY = "finegrain"
+EXTRA_PREFIX = "openset."
+"""Tensors under this prefix are data stored with the weights (the open-set bank), not weights."""
 
 
 @dataclass
@@ -50,6 +52,10 @@ class CheckpointMeta:
         structure: changed layer sizes of a pruned model (see :func:`finegrain.models.structure.apply_structure`).
         lineage: one entry per derivation, oldest first: ``{"kind", "source", "at", ...details}``.
         fewshot, pruning, qat, enrolled: what the few-shot trainer, pruning, QAT and enrollment record.
+        calibration: the fitted temperature and NLL/ECE before and after (:mod:`finegrain.eval.calibration`).
+        openset: open-set score thresholds for a target TPR, and the kNN bank's size (:mod:`finegrain.eval.openset`);
+            the bank itself is the ``openset.bank`` tensor of the file.
+        hierarchy: the class taxonomy (:class:`finegrain.eval.hierarchy.Taxonomy` as a dict).
     """
 
     task: str
@@ -69,6 +75,9 @@ class CheckpointMeta:
     pruning: dict[str, Any] | None = None
     qat: dict[str, Any] | None = None
     enrolled: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    openset: dict[str, Any] | None = None
+    hierarchy: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -187,11 +196,11 @@ def derive(meta: CheckpointMeta, kind: str, source: str | Path, *, details: dict
            **changes: Any) -> CheckpointMeta:
     """Metadata of a checkpoint made from ``source`` (``kind``: "pruned", "qat", "enrolled", ...).
 
-    Metrics and the epoch are reset (the new weights were not measured yet) unless ``changes``
-    give them; the derivation is appended to ``lineage``.
+    Metrics, the epoch, the temperature and the open-set thresholds are reset (they describe the
+    old weights) unless ``changes`` give them; the derivation is appended to ``lineage``.
     """
     entry = {"kind": kind, "source": str(source), "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(details or {})}
-    changes = {"metrics": {}, "epoch": None, "step": 0, **changes}
+    changes = {"metrics": {}, "epoch": None, "step": 0, "calibration": None, "openset": None, **changes}
     return dataclasses.replace(meta, lineage=[*meta.lineage, entry], versions={}, **changes)
 
 
@@ -258,7 +267,15 @@ def load(path: str | Path, map_location: str = "cpu") -> tuple[dict[str, torch.T
         sd = load_file(str(path), device=map_location)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: could not read the weights (truncated or corrupt?): {e}") from e
-    return sd, meta
+    return {k: v for k, v in sd.items() if not k.startswith(EXTRA_PREFIX)}, meta
+
+
+def load_extra(path: str | Path, key: str) -> torch.Tensor | None:
+    """A stored tensor that is not a weight (e.g. the open-set bank ``openset.bank``), or None."""
+    from safetensors import safe_open
+
+    with safe_open(str(resolve_checkpoint(path)), framework="pt") as f:
+        return f.get_tensor(key) if key in f.keys() else None
 
 
 def build_task(name: str, model, num_classes: int, args: dict[str, Any]):

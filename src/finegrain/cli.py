@@ -137,10 +137,38 @@ def _cmd_distill(args) -> int:
     return _cmd_train(args)
 
 
+def add_answering_flags(p) -> None:
+    """``--reject``, ``--reject-threshold`` and ``--rollup`` (predict and serve)."""
+    p.add_argument("--reject", default=None, choices=("msp", "energy", "max_logit", "knn"),
+                   help="answer 'unknown' when this open-set score is below the checkpoint's threshold (fitted at 95%% TPR "
+                        "on validation images by train or `finegrain calibrate`)")
+    p.add_argument("--reject-threshold", type=float, default=None, help="use this threshold instead of the stored one")
+    p.add_argument("--rollup", type=float, default=None, metavar="P",
+                   help="with a class hierarchy: below P, answer the deepest ancestor whose probability reaches P")
+
+
+def answering_from(args):
+    from finegrain.predict import Answering
+
+    return Answering(reject=args.reject, reject_threshold=args.reject_threshold, rollup=args.rollup)
+
+
+def _answer_text(r: dict) -> str:
+    """The table's answer column: the class, "unknown", or the rolled-up node and its level."""
+    if r.get("unknown"):
+        o = r["openset"]
+        return f"unknown ({o['score']} {o['value']:.3g} < {o['threshold']:.3g})"
+    if r.get("rollup", {}).get("level", 0) > 0:
+        u = r["rollup"]
+        return f"{u['level_name']} {u['name']} ({u['score']:.3f}), class uncertain"
+    return r["topk"][0]["class"]
+
+
 def _cmd_predict(args) -> int:
     from finegrain.predict import Predictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta_flip=args.tta_flip)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta_flip=args.tta_flip,
+                                          answering=answering_from(args))
     results = predictor.predict(args.images, topk=args.topk)
     if not results:
         raise FileNotFoundError(f"no images found in {args.images}")
@@ -150,21 +178,25 @@ def _cmd_predict(args) -> int:
         import csv
 
         w = csv.writer(sys.stdout)
-        w.writerow(["path", "rank", "class", "index", "score", "error"])
+        w.writerow(["path", "rank", "class", "index", "score", "error", "answer"])
         for r in results:
             for rank, t in enumerate(r.get("topk", []), 1):
-                w.writerow([r["path"], rank, t["class"], t["index"], t["score"], ""])
+                w.writerow([r["path"], rank, t["class"], t["index"], t["score"], "", _answer_text(r) if rank == 1 else ""])
             if "error" in r:
-                w.writerow([r["path"], "", "", "", "", r["error"]])
+                w.writerow([r["path"], "", "", "", "", r["error"], ""])
     else:
         from rich.console import Console
         from rich.table import Table
 
         t = Table()
         t.add_column("image")
+        answers = args.reject is not None or args.rollup is not None
+        if answers:
+            t.add_column("answer")
         t.add_column(f"top-{args.topk}")
         for r in results:
-            t.add_row(r["path"], r["error"] if "error" in r else ", ".join(f"{x['class']} {x['score']:.3f}" for x in r["topk"]))
+            cells = [r["error"]] if "error" in r else [", ".join(f"{x['class']} {x['score']:.3f}" for x in r["topk"])]
+            t.add_row(r["path"], *([("" if "error" in r else _answer_text(r))] if answers else []), *cells)
         Console(width=None if sys.stdout.isatty() else 400).print(t)  # the results go to stdout (`> preds.txt`); progress and errors stay on stderr
     failed = [r for r in results if "error" in r]
     if failed:
@@ -221,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--tta-flip", action="store_true", help="average with the mirrored image")
     p.add_argument("--device", default="auto")
+    add_answering_flags(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("list-backbones", help="timm backbone names matching a pattern")

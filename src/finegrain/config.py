@@ -29,6 +29,8 @@ class DataConfig:
     data: str = _f("", "image folder, CSV file or benchmark root")
     dataset: str | None = _f(None, "reader name (folder, csv, cub, nabirds, dogs, cars, aircraft, flowers102); guessed from --data if unset")
     download: bool = _f(False, "download the benchmark into --data if it is missing (needs internet)")
+    hierarchy: str | None = _f(None, "CSV of class,parent rows (parents may have parents): hierarchical answers and metrics; "
+                               "default: the data set's own taxonomy (NABirds, FGVC-Aircraft), if any")
     img_size: int = _f(448, "training and evaluation crop size in pixels")
     val_fraction: float = _f(0.1, "fraction of each training class held out for validation (model selection, early stopping)")
     split_seed: int = _f(0, "seed of the validation split")
@@ -110,6 +112,8 @@ class TrainConfig:
     accum_steps: int = _f(1, "gradient accumulation steps")
     ema: bool = _f(False, "keep an exponential moving average of the weights and evaluate it")
     ema_decay: float = _f(0.998, "EMA decay per optimizer step")
+    calibrate: bool = _f(True, "after training, fit the temperature and the open-set thresholds (95%% TPR) on the validation "
+                         "split and store them, with a kNN bank of training features, in best.safetensors")
     amp: bool = _f(True, "bf16 autocast for training on GPU, and on CPUs with native bf16 (AVX512-BF16/AMX); prediction on CPU stays fp32")
     channels_last: bool = _f(True, "channels_last memory format")
     compile: bool = _f(False, "torch.compile the model")

@@ -217,7 +217,9 @@ def nabirds(root: str | Path, split: str = "train", *, download: bool = False) -
         parts=None if parts is None else [parts.get(i, []) for i in ids],
         part_names=part_names,
         source=f"nabirds:{base}",
-        extras={"class_ids": used, "parents": parents, "names_by_id": names},
+        extras={"class_ids": used, "parents": parents, "names_by_id": names,
+                "hierarchy": {"parents": {names[c]: names[p] for c, p in parents.items() if c in names and p in names}}
+                if parents else None},
     )
 
 
@@ -446,8 +448,33 @@ def fgvc_aircraft(
         classes=list(ds.classes),
         boxes=boxes,
         source=f"aircraft:{root / 'fgvc-aircraft-2013b'}",
-        extras={"level": level},
+        extras={"level": level, "hierarchy": _aircraft_taxonomy(data, tv_split, level)},
     )
+
+
+def _aircraft_taxonomy(data: Path, tv_split: str, level: str) -> dict | None:
+    """variant -> family -> manufacturer (the levels above ``level``), read from the per-level image lists."""
+    above = AIRCRAFT_LEVELS[AIRCRAFT_LEVELS.index(level):]
+    if len(above) < 2:
+        return None
+    label_of: dict[str, dict[str, str]] = {}
+    for lv in above:
+        f = data / f"images_{lv}_{tv_split}.txt"
+        if not f.is_file():
+            return None
+        label_of[lv] = dict(line.strip().split(" ", 1) for line in f.read_text().splitlines() if " " in line.strip())
+    seen: set[str] = set(label_of[above[0]].values())
+    node = {above[0]: lambda n: n}  # a family named like a variant ("A380") becomes "A380 (family)": names are keys
+    for lv in above[1:]:
+        names = set(label_of[lv].values())
+        node[lv] = (lambda n, lv=lv, clash=names & seen: f"{n} ({lv})" if n in clash else n)
+        seen |= names
+    parents = {}
+    for child, parent in zip(above, above[1:]):
+        for image, name in label_of[child].items():
+            if image in label_of[parent]:
+                parents[node[child](name)] = node[parent](label_of[parent][image])
+    return {"parents": parents, "level_names": list(above[1:])}
 
 
 # ------------------------------------------------------------------------------------ Flowers-102

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finegrain.eval.calibration import temperature_of
 from finegrain.predict import Predictor, expand_images
 
 FORMATS = ("onnx", "torchscript")
@@ -48,14 +49,16 @@ def _quiet_jit():
 
 
 class _Inference(nn.Module):
-    """``images -> logits`` through ``task.predict`` only."""
+    """``images -> logits / T`` through ``task.predict`` only (``T``: the checkpoint's fitted temperature, 1 if none),
+    so that the softmax of the exported model's output is calibrated like :class:`~finegrain.Predictor`'s."""
 
-    def __init__(self, task: nn.Module):
+    def __init__(self, task: nn.Module, temperature: float = 1.0):
         super().__init__()
-        self.task = task
+        self.task, self.temperature = task, float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.task.predict(images).float()
+        out = self.task.predict(images).float()
+        return out / self.temperature if self.temperature != 1.0 else out
 
 
 def export_metadata(meta: dict, source: str | Path | None = None) -> dict[str, str]:
@@ -68,6 +71,7 @@ def export_metadata(meta: dict, source: str | Path | None = None) -> dict[str, s
         "backbone": str(meta.get("model", {}).get("backbone", "")),
         "task": str(meta.get("task", "")),
         "num_classes": str(meta["num_classes"]),
+        "temperature": str(temperature_of(meta)),
         "finegrain_version": __version__,
         "source_checkpoint": str(source or ""),
     }
@@ -113,7 +117,7 @@ def export_onnx(task: nn.Module, meta: dict, path: str | Path, *, opset: int = 1
     """
     onnx, _ = _require_onnx()
     size = int(meta["preprocessing"]["img_size"])
-    module = _Inference(task).eval()
+    module = _Inference(task, temperature_of(meta)).eval()
     example = torch.randn(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(module, (example,), dynamo=True, external_data=False, opset_version=opset,
@@ -141,7 +145,7 @@ def _set_metadata(model, props: dict[str, str]) -> None:
 def export_torchscript(task: nn.Module, meta: dict, path: str | Path, *, source: str | Path | None = None) -> Path:
     """Trace ``task.predict`` to TorchScript; metadata goes in the ``finegrain.json`` extra file."""
     size = int(meta["preprocessing"]["img_size"])
-    module = _Inference(task).eval()
+    module = _Inference(task, temperature_of(meta)).eval()
     with torch.no_grad(), _quiet_jit():
         traced = torch.jit.trace(module, torch.randn(2, 3, size, size), check_trace=False)
     path = Path(path)

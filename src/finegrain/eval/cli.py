@@ -19,7 +19,41 @@ def add_commands(sub) -> None:
                         "same as `finegrain eval-robust`)")
     p.add_argument("--pipeline", default="cpu", choices=("cpu", "device"),
                    help="cpu: the checkpoint's exact preprocessing per image; device: decode and crop whole batches on the device")
+    p.add_argument("--unknown", default=None, metavar="DIR",
+                   help="a folder of images of classes the model was not trained on: open-set AUROC, FPR at 95%% TPR, "
+                        "known-class accuracy at the stored thresholds")
+    p.add_argument("--rollup", type=float, default=None, metavar="P",
+                   help="with a class hierarchy: also score roll-up answers at this probability threshold")
     p.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("calibrate", help="fit the temperature, open-set thresholds and kNN bank of a checkpoint "
+                                         "(and attach a class hierarchy); written into the checkpoint")
+    c.add_argument("checkpoint", help="checkpoint file or run folder")
+    c.add_argument("--data", required=True, help="the data set the model was trained on (or a held-out folder with --split train)")
+    c.add_argument("--dataset", default=None, help="reader name; guessed from --data if unset")
+    c.add_argument("--split", default="val", choices=("val", "train", "test"),
+                   help="held-out images to fit on: val (the run's split.json, default), or a split of --data")
+    c.add_argument("--hierarchy", default=None, help="CSV of class,parent rows (default: the data set's own taxonomy, if any)")
+    c.add_argument("--tpr", type=float, default=0.95, help="each open-set threshold keeps this fraction of known images")
+    c.add_argument("--bank-size", type=int, default=2000, help="training images in the kNN bank (0: no kNN score)")
+    c.add_argument("--k", type=int, default=50, help="k of the kNN score")
+    c.add_argument("--out", default=None, help="write here instead of updating the checkpoint in place")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> int:
+    import json
+
+    from finegrain.eval.openworld import calibrate_checkpoint
+
+    r = calibrate_checkpoint(args.checkpoint, args.data, split=args.split, dataset=args.dataset, out=args.out,
+                             hierarchy=args.hierarchy, device=args.device, tpr=args.tpr, bank_size=args.bank_size, k=args.k,
+                             batch_size=args.batch_size, workers=args.workers)
+    print(json.dumps({k: r[k] for k in ("checkpoint", "calibration", "openset")}, indent=1))
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -27,7 +61,7 @@ def _cmd_eval(args) -> int:
 
     m = evaluate(args.checkpoint, args.data, split=args.split, dataset=args.dataset, tta_flip=args.tta_flip,
                  out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                 pipeline=args.pipeline)
+                 pipeline=args.pipeline, unknown=args.unknown, rollup=args.rollup)
     print_summary(m)
     print(f"results written to {m['out_dir']}")
     if args.corruptions is not None:

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from finegrain.checkpoint import resolve_checkpoint
 from finegrain.data.base import ImageList, open_dataset
 from finegrain.data.dataset import check_files
@@ -16,7 +18,8 @@ from finegrain.eval.metrics import (
     write_confusion_csv,
     write_per_class_csv,
 )
-from finegrain.predict import Predictor
+from finegrain.eval.openworld import open_world_metrics
+from finegrain.predict import Predictor, logits_and_features
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
 
@@ -56,12 +59,20 @@ def evaluate(
     workers: int = 2,
     device: str = "auto",
     pipeline: str = "cpu",
+    unknown: str | Path | None = None,
+    rollup: float | None = None,
 ) -> dict:
     """Evaluate ``checkpoint`` on ``split`` of ``data`` and write the results.
 
     Writes ``results.json`` (all metrics, the checkpoint, data and TTA used), ``per_class.csv``,
     ``confusion.csv`` and ``confusion.png`` into ``out_dir`` (default: ``eval-<split>`` beside the
     checkpoint). Class names of the data must match the checkpoint's.
+
+    A calibrated checkpoint adds ``calibration`` (ECE and NLL before/after its temperature, and
+    reliability bins); one with a taxonomy adds ``hierarchy`` (accuracy per level, mistake
+    severity; with ``rollup``, the roll-up answers). ``unknown``, a folder of images of classes
+    the model does not know, adds ``openset`` (AUROC, FPR at 95% TPR per score, and known-class
+    accuracy at the stored thresholds); see :mod:`finegrain.eval.openworld`.
 
     Returns:
         The metrics dict (see :func:`finegrain.eval.metrics.classification_metrics`).
@@ -72,15 +83,21 @@ def evaluate(
     loader = eval_batches(images, predictor.meta["preprocessing"], predictor.device, pipeline=pipeline,
                           transform=predictor.transform, batch_size=batch_size, workers=workers)
     t0 = time.perf_counter()
+    with_feats = unknown is not None and predictor.bank is not None  # the kNN score needs the test images' features
+    fn = (lambda x: torch.cat(logits_and_features(predictor.task)(x), 1)) if with_feats else predictor.task.predict
     with progress_bar(f"eval {split}", total=len(images)) as bar:
-        logits, labels, skipped = predict_loader(predictor.task.predict, loader, device=predictor.device,
-                                                 tta_flip=tta_flip, on_batch=bar.advance)
+        out_all, labels, skipped = predict_loader(fn, loader, device=predictor.device, tta_flip=tta_flip,
+                                                  on_batch=bar.advance)
     seconds = time.perf_counter() - t0
+    c = len(predictor.classes)
+    logits, feats = out_all[:, :c], (out_all[:, c:] if with_feats else None)
     metrics = classification_metrics(logits, labels, images.classes)
     metrics.update({
         "checkpoint": str(path), "data": str(data), "split": split, "tta": "hflip" if tta_flip else "none", "pipeline": pipeline,
         "classes_absent": absent, "skipped": [p for p, _ in skipped], "seconds": seconds, "images_per_s": len(labels) / max(seconds, 1e-9),
     })
+    metrics.update(open_world_metrics(predictor, logits, feats, labels, unknown=unknown, rollup=rollup, batch_size=batch_size,
+                                      workers=workers))
     out = Path(out_dir) if out_dir else path.parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(metrics, indent=1))
@@ -106,3 +123,23 @@ def print_summary(metrics: dict, n_pairs: int = 5) -> None:
             console.print(f"  {p['true']} -> {p['predicted']}: {p['count']} ({p['rate']:.1f}%)")
     if metrics.get("skipped"):
         console.print(f"[yellow]{len(metrics['skipped'])} unreadable images skipped")
+    _print_open_world(metrics)
+
+
+def _print_open_world(metrics: dict) -> None:
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        console.print(f"calibration: temperature {c['temperature']:.3f}, ECE {100 * c['ece_before']:.2f}% -> "
+                      f"{100 * c['ece_after']:.2f}%, NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}")
+    if "hierarchy" in metrics:
+        h = metrics["hierarchy"]
+        levels = ", ".join(f"{name} {acc:.2f}" for name, acc in h["level_accuracy"].items())
+        console.print(f"hierarchy: top-1 per level {levels}; mean mistake severity {h['mistake_severity']:.2f}")
+    if "openset" in metrics:
+        o = metrics["openset"]
+        console.print(f"open set ({o['n_known']} known, {o['n_unknown']} unknown images):")
+        for name, r in o["scores"].items():
+            fpr = next(v for k, v in r.items() if k.startswith("fpr_at"))
+            extra = (f", at threshold {r['threshold']:.3g}: known accuracy {100 * r['known_accuracy_at_threshold']:.1f}%, "
+                     f"unknown rejected {100 * r['unknown_rejected']:.1f}%") if "threshold" in r else ""
+            console.print(f"  {name}: AUROC {100 * r['auroc']:.1f}, FPR@{round(100 * o['tpr'])} {100 * fpr:.1f}%{extra}")

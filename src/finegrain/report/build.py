@@ -33,7 +33,7 @@ from finegrain.eval.metrics import (
     reliability_bins,
     save_confusion_matrix_png,
 )
-from finegrain.predict import Predictor
+from finegrain.predict import Predictor, logits_and_features
 from finegrain.report import plots
 from finegrain.report.html import esc, img_tag, page, pil_png, table
 from finegrain.tasks.base import Task
@@ -177,25 +177,9 @@ def _open_split(run_dir: Path, data, split: str, dataset: str | None) -> ImageLi
 
 
 def _logits_and_features(task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``images -> [logits | pooled features]`` in one forward pass where the task allows it.
-
-    Features are the task's own ``features(images)`` when it has one, else the backbone's pooled
-    pre-logits (``forward_head(..., pre_logits=True)``).
-    """
-    model = task.model
-    has_features = callable(getattr(task, "features", None))
-    plain = type(task).infer is Task.infer and not has_features  # infer is model(x)
-
-    def fn(images: torch.Tensor) -> torch.Tensor:
-        if plain:
-            raw = model.forward_features(images)
-            logits, feats = model.forward_head(raw), model.forward_head(raw, pre_logits=True)
-        else:
-            logits = task.predict(images)
-            feats = task.features(images) if has_features else model.forward_head(model.forward_features(images), pre_logits=True)
-        return torch.cat([logits.float(), feats.flatten(1).float()], 1)
-
-    return fn
+    """``images -> [logits | pooled features]`` (see :func:`finegrain.predict.logits_and_features`)."""
+    both = logits_and_features(task)
+    return lambda images: torch.cat(both(images), 1)
 
 
 def _evaluate(predictor: Predictor, images: ImageList, split: str, *, batch_size: int, workers: int) -> _Evaluation:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from finegrain.predict import Predictor
+from finegrain.predict import Answering, Predictor
 from finegrain.serve.limits import Busy, RequestGate
 
 MULTIPART = "multipart/form-data"
@@ -87,7 +87,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None):
 
 
 class MicroBatcher:
-    """One worker thread that runs ``predictor.logits`` on batches gathered from a queue."""
+    """One worker thread that runs ``predictor.outputs`` (scaled logits, and features when the kNN score needs
+    them) on batches gathered from a queue."""
 
     def __init__(self, predictor: Predictor, *, batch_size: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256):
         self.predictor = predictor
@@ -115,7 +116,7 @@ class MicroBatcher:
             self._thread = None
 
     def submit(self, image: torch.Tensor) -> Future:
-        """Queue one preprocessed image ``[3, H, W]``; the future gets its softmax scores ``[C]``."""
+        """Queue one preprocessed image ``[3, H, W]``; the future gets ``(scaled logits [C], features [D] or None)``."""
         if self._queue.qsize() >= self.max_queue:
             raise InputError(503, f"server busy: {self.max_queue} images already queued; retry shortly", {"Retry-After": "1"})
         self.start()
@@ -141,11 +142,13 @@ class MicroBatcher:
                 items.append(nxt)
             try:
                 with self.model_lock:
-                    probs = self.predictor.logits(torch.stack([t for t, _ in items])).softmax(1).cpu()
+                    logits, feats = self.predictor.outputs(torch.stack([t for t, _ in items]),
+                                                           features=self.predictor.needs_features)
                 self.batches += 1
                 self.images += len(items)
-                for (_, fut), p in zip(items, probs):
-                    fut.set_result(p)
+                logits, feats = logits.cpu(), None if feats is None else feats.cpu()
+                for k, (_, fut) in enumerate(items):
+                    fut.set_result((logits[k], None if feats is None else feats[k]))
             except Exception as e:  # noqa: BLE001  (a failed batch fails its requests, not the server)
                 for _, fut in items:
                     if not fut.done():
@@ -195,7 +198,7 @@ def _decode_side(preprocessing: dict) -> int:
 
 def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, max_pixels: int = 40_000_000, topk: int = 5,
                batch_size: int = 16, max_wait_ms: float = 5.0, device: str = "auto", max_inflight: int = 64,
-               decode_slots: int = 4):
+               decode_slots: int = 4, answering: Answering | None = None):
     """Build the FastAPI app.
 
     Args:
@@ -208,6 +211,7 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
         device: device when ``model`` is a path.
         max_inflight: requests handled at once; more get 503 with ``Retry-After`` (see :mod:`.limits`).
         decode_slots: images decoded at once (each holds its decoded pixels).
+        answering: open-set rejection and hierarchical roll-up (``"unknown"``, ``"rollup"`` in the answers).
     """
     _require_fastapi()
     from contextlib import asynccontextmanager
@@ -220,14 +224,17 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
         raise ValueError(f"--max-upload-mb ({max_upload_mb}), --max-pixels ({max_pixels}), --batch-size ({batch_size}) "
                          f"and --topk ({topk}) must be positive")
     gate = RequestGate(max_inflight=max_inflight, decode_slots=decode_slots)
-    predictor = model if isinstance(model, Predictor) else Predictor.from_checkpoint(model, device=device)
+    predictor = model if isinstance(model, Predictor) else Predictor.from_checkpoint(model, device=device, answering=answering)
+    if answering is not None and isinstance(model, Predictor):
+        predictor.answering = predictor._check_answering(answering)
     classes = predictor.classes
     max_bytes = int(max_upload_mb * 1024 * 1024)
     default_topk = topk
     batcher = MicroBatcher(predictor, batch_size=batch_size, max_wait_ms=max_wait_ms)
     side = _decode_side(predictor.meta["preprocessing"])
     info = {"backbone": predictor.meta.get("model", {}).get("backbone"), "task": predictor.meta.get("task"),
-            "num_classes": len(classes), "img_size": predictor.meta["preprocessing"]["img_size"]}
+            "num_classes": len(classes), "img_size": predictor.meta["preprocessing"]["img_size"],
+            "calibrated": predictor.temperature != 1.0, "reject": predictor.answering.reject, "rollup": predictor.answering.rollup}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -262,13 +269,9 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
             async with gate.decoding():
                 tensor, size = await run_in_threadpool(_preprocess, data)
             del data
-            probs = await asyncio.wrap_future(batcher.submit(tensor))
-        scores, idx = probs.topk(k)
-        return {
-            "topk": [{"class": classes[j], "index": j, "score": round(s, 6)} for s, j in zip(scores.tolist(), idx.tolist())],
-            "image_size": list(size),
-            "elapsed_ms": round(1000 * (time.perf_counter() - start), 2),
-        }
+            logits, feats = await asyncio.wrap_future(batcher.submit(tensor))
+        (row,) = predictor.answer(logits[None], None if feats is None else feats[None], k)
+        return {**row, "image_size": list(size), "elapsed_ms": round(1000 * (time.perf_counter() - start), 2)}
 
     def _heatmap(data: bytes) -> dict[str, Any]:
         import base64
@@ -337,6 +340,7 @@ PAGE = """<!doctype html>
  td.barcell { width: 40%; }
  .bar { background: #4a7; height: .8rem; border-radius: 2px; min-width: 1px; }
  .err { color: #b00; }
+ #answer { font-weight: 600; }
 </style></head>
 <body>
 <h1>finegrain</h1>
@@ -362,6 +366,12 @@ function error(status, j) {
   p.textContent = `Error ${status}: ${typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail)}`;
   return p;
 }
+function answerText(j) {  // "unknown" or "<level> X, <class> uncertain"; empty for a plain answer
+  if (j.unknown) return `unknown: ${j.openset.score} ${j.openset.value.toFixed(3)} is below the threshold ${j.openset.threshold.toFixed(3)}`;
+  if (j.rollup && j.rollup.level > 0)
+    return `${j.rollup.level_name} ${j.rollup.name} (${(100 * j.rollup.score).toFixed(1)}%), class uncertain`;
+  return "";
+}
 async function post(route, f) {
   const body = new FormData(); body.append("file", f);
   const r = await fetch(route, { method: "POST", body });
@@ -374,6 +384,8 @@ async function send(f) {
   const [r, j] = await post("predict", f);
   out.innerHTML = "";
   if (!r.ok) { out.appendChild(error(r.status, j)); return; }
+  const verdict = answerText(j);
+  if (verdict) { const p = document.createElement("p"); p.id = "answer"; p.textContent = verdict; out.appendChild(p); }
   const t = document.createElement("table"); t.id = "topk";
   for (const c of j.topk) {
     const row = t.insertRow();

@@ -17,10 +17,14 @@ def add_commands(sub) -> None:
     p.add_argument("--max-inflight", type=int, default=64,
                    help="requests handled at once; more get 503 with Retry-After (bounds memory under load)")
     p.add_argument("--decode-slots", type=int, default=4, help="images decoded at the same time")
+    from finegrain.cli import add_answering_flags
+
+    add_answering_flags(p)
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
+    from finegrain.cli import answering_from
     from finegrain.serve.app import create_app
 
     try:
@@ -29,6 +33,6 @@ def _cmd_serve(args) -> int:
         raise ImportError(f"serving needs the 'serve' extra: pip install 'finegrain[serve]' ({e})") from e
     app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, topk=args.topk,
                      batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, device=args.device,
-                     max_inflight=args.max_inflight, decode_slots=args.decode_slots)
+                     max_inflight=args.max_inflight, decode_slots=args.decode_slots, answering=answering_from(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

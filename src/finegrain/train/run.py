@@ -123,14 +123,43 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
     model = build_backbone(cfg, len(images.classes), pretrained="none" if cfg.train.resume else None)
     plan = plan.with_model(model)
     task = build_task(cfg, model, len(images.classes), plan.preprocessing)
+    taxonomy = _taxonomy(cfg, images)
     meta = ckpt.describe(task, model=dataclasses.asdict(cfg.model), classes=images.classes, preprocessing=plan.preprocessing,
-                         config=cfg.to_dict())
+                         config=cfg.to_dict(), hierarchy=taxonomy.to_dict() if taxonomy else None)
     setup = _setup(plan, task, images, train_idx, val_idx)
     trainer = Trainer(run_dir, epochs=cfg.train.epochs, meta=meta, device=plan.device, seed=cfg.train.seed, world=plan.world,
                       patience=cfg.train.patience, callbacks=[on_epoch] if on_epoch else [],
                       logger=RunLogger(run_dir, cfg) if plan.is_main else None)
     r = trainer.run(setup, resume=bool(cfg.train.resume), max_epochs=max_epochs)
+    if cfg.train.calibrate and plan.is_main and val_idx and not r.interrupted and r.best_checkpoint is not None:
+        _calibrate_best(r.best_checkpoint, images, train_idx, val_idx, plan)
     return RunResult(r.run_dir, r.best_checkpoint, r.best_epoch, r.best_metric, r.epochs_run, r.stopped_early, r.interrupted)
+
+
+def _taxonomy(cfg: RunConfig, images: ImageList):
+    """The class hierarchy of the run: ``--hierarchy CSV``, else the reader's (NABirds, FGVC-Aircraft), else None."""
+    from finegrain.eval.hierarchy import Taxonomy, taxonomy_of
+
+    if cfg.data.hierarchy:
+        taxonomy = Taxonomy.from_csv(cfg.data.hierarchy)
+        taxonomy.check_classes(images.classes, cfg.data.hierarchy)
+        return taxonomy
+    return taxonomy_of(images)
+
+
+def _calibrate_best(best: Path, images: ImageList, train_idx: list[int], val_idx: list[int], plan: Plan) -> None:
+    """Fit temperature, open-set thresholds and the kNN bank on the validation split, into ``best.safetensors``."""
+    from finegrain.eval.openworld import fit_open_world, write_open_world
+    from finegrain.tasks import classifier_tasks
+
+    meta = ckpt.read_meta(best)
+    if meta.calibration is not None or meta.task not in classifier_tasks():
+        return
+    task, _ = ckpt.load_task(best, plan.device)
+    d = plan.cfg.data
+    new, extra = fit_open_world(task, meta, val=images.subset(val_idx), train=images.subset(train_idx), device=plan.device,
+                                seed=plan.cfg.train.seed, batch_size=d.batch_size * 2, workers=d.workers)
+    write_open_world(best, new, extra)
 
 
 def _setup(plan: Plan, task, images: ImageList, train_idx: list[int], val_idx: list[int]) -> TrainSetup:

@@ -181,6 +181,7 @@ def test_eval_with_unknown_images_reports_open_set_metrics(trained_run, tmp_path
     for s in o["scores"].values():
         assert 0 <= s["auroc"] <= 1 and 0 <= s["known_accuracy_at_threshold"] <= s["known_accepted"] <= 1
     assert r["calibration"]["temperature"] > 0 and len(r["calibration"]["reliability_after"]["count"]) == 15
+    assert (tmp_path / "e" / "reliability_before.png").stat().st_size > 1000 and (tmp_path / "e" / "reliability_after.png").is_file()
     assert "AUROC" in capsys.readouterr().err
 
 

@@ -104,8 +104,20 @@ def evaluate(
     write_per_class_csv(metrics, out / "per_class.csv")
     write_confusion_csv(metrics["confusion_matrix"], images.classes, out / "confusion.csv")
     save_confusion_matrix_png(metrics["confusion_matrix"], images.classes, out / "confusion.png")
+    if "calibration" in metrics:
+        _save_reliability(metrics["calibration"], logits, predictor.temperature, out)
     metrics["out_dir"] = str(out)
     return metrics
+
+
+def _save_reliability(calibration: dict, logits: torch.Tensor, temperature: float, out: Path) -> None:
+    """``reliability_before.png`` and ``reliability_after.png``: the diagrams without and with the temperature."""
+    from finegrain.report import plots
+
+    for when, t in (("before", 1.0), ("after", temperature)):
+        conf = (logits / t).softmax(1).max(1).values.numpy()
+        png = plots.reliability_diagram(calibration[f"reliability_{when}"], calibration[f"ece_{when}"], conf)
+        (out / f"reliability_{when}.png").write_bytes(png)
 
 
 def print_summary(metrics: dict, n_pairs: int = 5) -> None:

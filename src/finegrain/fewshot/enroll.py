@@ -148,8 +148,9 @@ def enroll_class(
             sd[bkey] = torch.cat([sd[bkey], bias_row[None]])
     history = list(meta.get("enrolled", [])) + [{"class": name, "index": index, "images": len(used), "source": str(src),
                                                   "bias": bias, "margin_std": margin_std}]
+    # the old classes' weights are untouched, so their temperature still holds; the open-set thresholds do not
     ckpt.save(out, sd, ckpt.derive(meta, "enrolled", src, details={"class": name}, num_classes=len(classes), classes=classes,
-                                   enrolled=history))
+                                   enrolled=history, calibration=meta.calibration))
     return {"out": str(out), "class": name, "index": index, "images": used, "unreadable": bad, "num_classes": len(classes)}
 
 
@@ -173,7 +174,7 @@ def unenroll_class(checkpoint: str | Path, name: str, out: str | Path) -> dict:
     classes.pop(index)
     history = [e for e in meta.get("enrolled", []) if e.get("class") != name]
     ckpt.save(out, sd, ckpt.derive(meta, "unenrolled", src, details={"class": name}, num_classes=len(classes), classes=classes,
-                                   enrolled=history))
+                                   enrolled=history, calibration=meta.calibration))
     return {"out": str(out), "class": name, "index": index, "num_classes": len(classes)}
 
 

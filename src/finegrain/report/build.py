@@ -53,10 +53,12 @@ class _Evaluation:
     labels: np.ndarray
     features: torch.Tensor
     skipped: list
+    temperature: float = 1.0
 
     @property
     def probs(self) -> torch.Tensor:
-        return self.logits.softmax(1)
+        """The probabilities the checkpoint reports: the softmax of its temperature-scaled logits."""
+        return (self.logits / self.temperature).softmax(1)
 
     @property
     def n_bins(self) -> int:
@@ -192,7 +194,7 @@ def _evaluate(predictor: Predictor, images: ImageList, split: str, *, batch_size
     # The loader is sequential, so rows are the readable images in order.
     bad = {p for p, _ in skipped}
     positions = np.array([i for i, p in enumerate(images.paths) if p not in bad], dtype=np.int64)
-    return _Evaluation(images, positions, out[:, :c], labels.numpy(), out[:, c:], skipped)
+    return _Evaluation(images, positions, out[:, :c], labels.numpy(), out[:, c:], skipped, predictor.temperature)
 
 
 # ---------------------------------------------------------------- sections
@@ -313,7 +315,17 @@ def _per_class(metrics: dict) -> str:
 
 
 def _calibration(ev: _Evaluation) -> str:
-    probs, labels = ev.probs, torch.as_tensor(ev.labels)
+    """The reliability diagram of the reported probabilities; with a fitted temperature, also the one before it."""
+    if ev.temperature == 1.0:
+        return _reliability(ev.probs, ev)
+    before = ev.logits.softmax(1)
+    return (f"<p>The checkpoint divides its logits by a temperature of <b>{ev.temperature:.3f}</b>, fitted on the "
+            "validation split (Guo et al. 2017). Before it:</p>" + _reliability(before, ev)
+            + "<p>After it (the probabilities predict, serve and the exports report):</p>" + _reliability(ev.probs, ev))
+
+
+def _reliability(probs: torch.Tensor, ev: _Evaluation) -> str:
+    labels = torch.as_tensor(ev.labels)
     n_bins = ev.n_bins
     ece = expected_calibration_error(probs, labels, n_bins=n_bins)
     bins = reliability_bins(probs, labels, n_bins=n_bins)

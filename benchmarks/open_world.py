@@ -2,9 +2,9 @@
 
     python benchmarks/open_world.py --epochs 3          # the CPU budget (about 10 minutes on 2 cores)
 
-- Known / unknown: of cub50's 50 species, every third (17) is held out as *unknown*; the model is
+- Known / unknown: of cub50's 50 species, every third (16) is held out as *unknown*; the model is
   trained (finegrain's default recipe, EfficientNet-Lite0 with the shared ImageNet weights, 224 px)
-  on the other 33 species' train images. Near-OOD: the 17 held-out species' test images; far-OOD:
+  on the other 34 species' train images. Near-OOD: the 16 held-out species' test images; far-OOD:
   flowers12's test images.
 - Open set: AUROC and FPR at 95% TPR of each score (msp, energy, max_logit, knn), and the known-class
   accuracy at the thresholds that training fitted on its validation split (95% TPR).

@@ -521,15 +521,16 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     qat_meta = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_train_images": max_train_images,
                 "calib_images": calib_images, "activation_qparams": {k: list(v) for k, v in params_by_site.items()},
                 "weights": "per-channel symmetric int8 [-127, 127]", "activations": "per-tensor asymmetric uint8"}
-    ckpt_io.save(ckpt_path, tuned.state_dict(), ckpt_io.derive(meta, "qat", ckpt, details={"epochs": epochs, "lr": lr}, qat=qat_meta))
-    export_onnx(tuned, meta, fp32_path, opset=opset, source=ckpt)
+    derived = ckpt_io.derive(meta, "qat", ckpt, details={"epochs": epochs, "lr": lr}, qat=qat_meta)  # no temperature: new weights
+    ckpt_io.save(ckpt_path, tuned.state_dict(), derived)
+    export_onnx(tuned, derived, fp32_path, opset=opset, source=ckpt)
 
     start = time.perf_counter()
     report = _quantize_with_qat_scales(fp32_path, out, original, data, calib_images=calib_images, sites=sites,
                                        site_inputs=verify[:2], params_by_site=params_by_site, source=ckpt)
     quantize_seconds = time.perf_counter() - start
     int8 = OnnxModel(out).logits(verify)
-    eager = original.logits(verify).numpy()
+    eager = (original.logits(verify) * original.temperature).numpy()  # unscaled, like the exports of the derived weights
     return {
         "checkpoint": str(ckpt), "int8_path": str(out), "fp32_path": str(fp32_path), "qat_checkpoint": str(ckpt_path),
         "train_seconds": round(train_seconds, 2), "quantize_seconds": round(quantize_seconds, 2),

@@ -19,6 +19,9 @@ def add_commands(sub) -> None:
                         "same as `finegrain eval-robust`)")
     p.add_argument("--pipeline", default="cpu", choices=("cpu", "device"),
                    help="cpu: the checkpoint's exact preprocessing per image; device: decode and crop whole batches on the device")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="forward pass precision: auto = bf16 where training uses it (CUDA, CPUs with native bf16), else "
+                        "fp32; recorded in results.json")
     p.add_argument("--unknown", default=None, metavar="DIR",
                    help="a folder of images of classes the model was not trained on: open-set AUROC, FPR at 95%% TPR, "
                         "known-class accuracy at the stored thresholds")
@@ -61,7 +64,7 @@ def _cmd_eval(args) -> int:
 
     m = evaluate(args.checkpoint, args.data, split=args.split, dataset=args.dataset, tta_flip=args.tta_flip,
                  out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                 pipeline=args.pipeline, unknown=args.unknown, rollup=args.rollup)
+                 pipeline=args.pipeline, unknown=args.unknown, rollup=args.rollup, precision=args.precision)
     print_summary(m)
     print(f"results written to {m['out_dir']}")
     if args.corruptions is not None:

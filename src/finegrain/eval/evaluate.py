@@ -61,6 +61,7 @@ def evaluate(
     pipeline: str = "cpu",
     unknown: str | Path | None = None,
     rollup: float | None = None,
+    precision: str = "auto",
 ) -> dict:
     """Evaluate ``checkpoint`` on ``split`` of ``data`` and write the results.
 
@@ -74,6 +75,10 @@ def evaluate(
     the model does not know, adds ``openset`` (AUROC, FPR at 95% TPR per score, and known-class
     accuracy at the stored thresholds); see :mod:`finegrain.eval.openworld`.
 
+    ``precision``: ``auto`` runs the forward pass in bf16 where training does (CUDA, CPUs with
+    native bf16), else fp32; ``fp32`` and ``bf16`` force one. The model runs channels_last. The
+    precision used is recorded in the results (``finegrain predict`` and exports stay fp32).
+
     Returns:
         The metrics dict (see :func:`finegrain.eval.metrics.classification_metrics`).
     """
@@ -85,15 +90,18 @@ def evaluate(
     t0 = time.perf_counter()
     with_feats = unknown is not None and predictor.bank is not None  # the kNN score needs the test images' features
     fn = (lambda x: torch.cat(logits_and_features(predictor.task)(x), 1)) if with_feats else predictor.task.predict
+    bf16 = _use_bf16(precision, predictor.device)
+    predictor.task.to(memory_format=torch.channels_last)
     with progress_bar(f"eval {split}", total=len(images)) as bar:
-        out_all, labels, skipped = predict_loader(fn, loader, device=predictor.device, tta_flip=tta_flip,
-                                                  on_batch=bar.advance)
+        out_all, labels, skipped = predict_loader(fn, loader, device=predictor.device, tta_flip=tta_flip, amp=bf16,
+                                                  cpu_amp=bf16, channels_last=True, on_batch=bar.advance)
     seconds = time.perf_counter() - t0
     c = len(predictor.classes)
     logits, feats = out_all[:, :c], (out_all[:, c:] if with_feats else None)
     metrics = classification_metrics(logits, labels, images.classes)
     metrics.update({
         "checkpoint": str(path), "data": str(data), "split": split, "tta": "hflip" if tta_flip else "none", "pipeline": pipeline,
+        "precision": "bf16" if bf16 else "fp32",
         "classes_absent": absent, "skipped": [p for p, _ in skipped], "seconds": seconds, "images_per_s": len(labels) / max(seconds, 1e-9),
     })
     metrics.update(open_world_metrics(predictor, logits, feats, labels, unknown=unknown, rollup=rollup, batch_size=batch_size,
@@ -110,6 +118,17 @@ def evaluate(
     return metrics
 
 
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether eval's forward pass runs in bf16 (``auto``: on CUDA and on CPUs with native bf16, like training)."""
+    from finegrain.train.loop import cpu_has_native_bf16
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return precision == "bf16"
+
+
 def _save_reliability(calibration: dict, logits: torch.Tensor, temperature: float, out: Path) -> None:
     """``reliability_before.png`` and ``reliability_after.png``: the diagrams without and with the temperature."""
     from finegrain.report import plots
@@ -124,7 +143,7 @@ def print_summary(metrics: dict, n_pairs: int = 5) -> None:
     """A short table of the headline metrics and the most confused pairs."""
     from rich.table import Table
 
-    t = Table(title=f"{metrics['split']} ({metrics['n']} images, TTA {metrics['tta']})")
+    t = Table(title=f"{metrics['split']} ({metrics['n']} images, TTA {metrics['tta']}, {metrics.get('precision', 'fp32')})")
     for col in ("top-1", "top-5", "mean per-class", "macro P", "macro R", "macro F1"):
         t.add_column(col, justify="right")
     t.add_row(*(f"{metrics[k]:.2f}" for k in ("top1", "top5", "mean_per_class_acc", "macro_precision", "macro_recall", "macro_f1")))

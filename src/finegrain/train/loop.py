@@ -180,8 +180,11 @@ def predict_loader(
     channels_last: bool = False,
     tta_flip: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    cpu_amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Run ``predict`` over a loader; return ``(logits [N, C] float32 on CPU, labels [N], skipped)``.
+
+    ``amp`` turns bf16 autocast on for CUDA; with ``cpu_amp`` too, on a CPU with native bf16.
 
     With ``tta_flip`` the logits are the mean over the image and its horizontal mirror.
     """
@@ -191,7 +194,7 @@ def predict_loader(
         if batch["image"] is None:
             continue
         images = to_device(batch["image"], device, channels_last)
-        with autocast(device, amp):
+        with autocast(device, amp, cpu=cpu_amp):
             logits = predict(images).float()
             if tta_flip:
                 logits = (logits + predict(torch.flip(images, dims=[3])).float()) / 2

@@ -100,17 +100,22 @@ class ImageDataset(Dataset):
         return item
 
 
-def check_files(images: ImageList, data: str = "") -> list[str]:
+def check_files(images: ImageList, data: str = "", *, fate: str = "", warn: bool = True) -> list[str]:
     """The image files of ``images`` that do not exist (missing, or a broken symbolic link).
 
     Raises ``FileNotFoundError`` with examples when none exists (a CSV whose paths are all
-    wrong), before any training starts; the caller reports a partial loss.
+    wrong), before any work starts; a partial loss is printed (with ``warn``), ending with
+    ``fate``, what happens to those files.
     """
     missing = [p for p in images.paths if not os.path.exists(p)]
     if missing and len(missing) == len(images.paths):
         where = f" in {data}" if data else ""
         hint = " Paths in a CSV are relative to the CSV file's folder." if str(data).lower().endswith(".csv") else ""
         raise FileNotFoundError(f"none of the {len(missing)} image files{where} exists (e.g. {', '.join(missing[:3])}).{hint}")
+    if missing and warn:
+        from finegrain.utils import console
+
+        console.print(f"[yellow]{len(missing)} of {len(images)} image files do not exist (e.g. {missing[0]}); {fate or 'they are skipped'}")
     return missing
 
 

@@ -40,10 +40,7 @@ def eval_images(images: ImageList, classes: list[str], data) -> tuple[ImageList,
     if absent:
         console.print(f"[yellow]{data} holds {len(classes) - len(absent)} of the model's {len(classes)} classes; "
                       f"evaluating on those (absent: {', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''})")
-    missing = check_files(images, str(data))
-    if missing:
-        console.print(f"[yellow]{len(missing)} of {len(images)} image files do not exist (e.g. {missing[0]}); "
-                      "they are skipped and listed in results.json")
+    check_files(images, str(data), fate="they are skipped and listed in results.json")
     return images.relabel(classes), absent
 
 
@@ -91,7 +88,6 @@ def evaluate(
     with_feats = unknown is not None and predictor.bank is not None  # the kNN score needs the test images' features
     fn = (lambda x: torch.cat(logits_and_features(predictor.task)(x), 1)) if with_feats else predictor.task.predict
     bf16 = _use_bf16(precision, predictor.device)
-    predictor.task.to(memory_format=torch.channels_last)
     with progress_bar(f"eval {split}", total=len(images)) as bar:
         out_all, labels, skipped = predict_loader(fn, loader, device=predictor.device, tta_flip=tta_flip, amp=bf16,
                                                   cpu_amp=bf16, channels_last=True, on_batch=bar.advance)

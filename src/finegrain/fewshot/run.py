@@ -30,7 +30,7 @@ from finegrain.tasks.fewshot import EpisodicTask, build_method, fewshot_method
 from finegrain.train.logger import RunLogger
 from finegrain.train.optim import build_optimizer, build_scheduler
 from finegrain.train.trainer import StepConfig, Trainer, TrainSetup, open_job
-from finegrain.utils import console, resolve_device
+from finegrain.utils import resolve_device
 
 
 def open_all_images(data: str | Path, dataset: str | None = None) -> ImageList:
@@ -44,10 +44,7 @@ def open_all_images(data: str | Path, dataset: str | None = None) -> ImageList:
         raise ValueError(f"{data}: the test split has other classes than the train split")
     images = train if test is None else ImageList(train.paths + test.paths, train.labels + test.labels, train.classes,
                                                   source=train.source)
-    missing = check_files(images, str(data))
-    if missing:
-        console.print(f"[yellow]{len(missing)} of {len(images)} image files do not exist (e.g. {missing[0]}); "
-                      "episodes skip them")
+    check_files(images, str(data), fate="episodes skip them")
     return images
 
 

@@ -33,7 +33,7 @@ from finegrain.train.loop import NoImagesError, predict_loader
 from finegrain.train.optim import build_optimizer, build_scheduler
 from finegrain.train.plan import Plan, make_plan, preprocessing
 from finegrain.train.trainer import StepConfig, Trainer, TrainSetup, seed_everything
-from finegrain.utils import console, resolve_device
+from finegrain.utils import resolve_device
 
 
 @dataclass
@@ -107,10 +107,8 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
     if len(images.classes) < 2:
         raise ValueError(f"{cfg.data.data} has {len(images.classes)} class ({', '.join(images.classes) or 'none'}); a classifier "
                          "needs at least two (one folder per class), or it scores a meaningless 100%")
-    missing = check_files(images, cfg.data.data)
-    if missing and plan.is_main:
-        console.print(f"[yellow]{len(missing)} of {len(images)} image files do not exist (e.g. {missing[0]}); they are skipped "
-                      "and listed in the run folder's skipped_images.txt")
+    check_files(images, cfg.data.data, fate="they are skipped and listed in the run folder's skipped_images.txt",
+                warn=plan.is_main)
     # a task trained on boxes / part locations: the data must have them and nothing may drop or scramble them
     check_annotations(images, plan.annotations, task=cfg.model.task, cache=cfg.data.cache,
                       mixing=cfg.data.cutmix > 0 or cfg.data.mixup > 0, augment=cfg.data.augment, pipeline=plan.pipeline)

@@ -56,6 +56,7 @@ class CheckpointMeta:
         openset: open-set score thresholds for a target TPR, and the kNN bank's size (:mod:`finegrain.eval.openset`);
             the bank itself is the ``openset.bank`` tensor of the file.
         hierarchy: the class taxonomy (:class:`finegrain.eval.hierarchy.Taxonomy` as a dict).
+        detection: how a detector was trained: ``labels`` ("species" or "object"), annotation ``format``, ``masks``.
     """
 
     task: str
@@ -78,6 +79,7 @@ class CheckpointMeta:
     calibration: dict[str, Any] | None = None
     openset: dict[str, Any] | None = None
     hierarchy: dict[str, Any] | None = None
+    detection: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     versions: dict[str, str] = field(default_factory=dict)
 

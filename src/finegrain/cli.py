@@ -38,6 +38,7 @@ _COMMAND_MODULES = (
     "finegrain.compress.cli",
     "finegrain.report.cli",
     "finegrain.tune.cli",
+    "finegrain.detect.cli",
 )
 
 

@@ -65,7 +65,12 @@ def _cmd_eval(args) -> int:
     m = evaluate(args.checkpoint, args.data, split=args.split, dataset=args.dataset, tta_flip=args.tta_flip,
                  out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
                  pipeline=args.pipeline, unknown=args.unknown, rollup=args.rollup, precision=args.precision)
-    print_summary(m)
+    if "map" in m:  # a detector
+        from finegrain.detect.evaluate import print_detection_summary
+
+        print_detection_summary(m)
+    else:
+        print_summary(m)
     print(f"results written to {m['out_dir']}")
     if args.corruptions is not None:
         from finegrain.eval.robustness import print_robustness, robustness_eval

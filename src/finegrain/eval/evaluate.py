@@ -76,10 +76,17 @@ def evaluate(
     native bf16), else fp32; ``fp32`` and ``bf16`` force one. The model runs channels_last. The
     precision used is recorded in the results (``finegrain predict`` and exports stay fp32).
 
+    A detector checkpoint gets its COCO box (and mask) AP instead (see
+    :func:`finegrain.detect.evaluate.evaluate_detection`).
+
     Returns:
         The metrics dict (see :func:`finegrain.eval.metrics.classification_metrics`).
     """
     path = resolve_checkpoint(checkpoint)
+    if _is_detector(path):  # box and mask AP instead of classification metrics
+        from finegrain.detect.evaluate import evaluate_detection
+
+        return evaluate_detection(path, data, split=split, dataset=dataset, out_dir=out_dir, workers=workers, device=device)
     predictor = Predictor.from_checkpoint(path, device=device, tta_flip=tta_flip)
     images, absent = eval_images(open_dataset(data, split, dataset=dataset), predictor.classes, data)
     loader = eval_batches(images, predictor.meta["preprocessing"], predictor.device, pipeline=pipeline,
@@ -112,6 +119,13 @@ def evaluate(
         _save_reliability(metrics["calibration"], logits, predictor.temperature, out)
     metrics["out_dir"] = str(out)
     return metrics
+
+
+def _is_detector(path: Path) -> bool:
+    from finegrain.checkpoint import read_meta
+    from finegrain.tasks import TASKS
+
+    return TASKS.get(read_meta(path).task).outputs == "detections"
 
 
 def _use_bf16(precision: str, device: torch.device) -> bool:

@@ -1,7 +1,7 @@
 """Tasks: every method (supervised, fgvc, WS-DAN, RA-CNN, parts, TransFG, distillation and the few-shot
 methods) as an ``nn.Module`` whose ``forward(batch)`` returns the loss; all are registered in ``TASKS``."""
 
-from finegrain.tasks import distill, fewshot, fgvc, parts, racnn, supervised, transfg, wsdan  # noqa: F401,E402  (registers the tasks)
+from finegrain.tasks import detection, distill, fewshot, fgvc, parts, racnn, supervised, transfg, wsdan  # noqa: F401,E402  (registers the tasks)
 from finegrain.tasks.base import (
     TASKS,
     BuildContext,

@@ -189,12 +189,17 @@ def classifier_tasks() -> list[str]:
     return [n for n in TASKS.names() if TASKS.get(n).outputs == "classes"]
 
 
+_OTHER_COMMANDS = {"embeddings": "evaluate it with `finegrain fewshot eval`",
+                   "detections": "evaluate it with `finegrain eval` or `finegrain detect eval`, run it with `finegrain detect predict`"}
+"""Where a checkpoint that does not predict classes is used instead, by ``Task.outputs``."""
+
+
 def require_classifier(task: Task, command: str) -> None:
     """Refuse a task whose ``predict`` does not return class logits, naming the tasks ``command`` supports."""
     if task.outputs == "classes":
         return
     raise ValueError(f"{command} needs a checkpoint that predicts classes; this is a {task.name} checkpoint, whose "
-                     f"predict returns {task.outputs} (evaluate it with `finegrain fewshot eval`). "
+                     f"predict returns {task.outputs} ({_OTHER_COMMANDS.get(task.outputs, 'see finegrain --help')}). "
                      f"Supported tasks: {', '.join(classifier_tasks())}")
 
 

@@ -105,14 +105,15 @@ def train_one_epoch(
     batch's targets; the accuracy is then that of the mixed clean and adversarial batch.
 
     Returns:
-        dict with ``loss``, ``acc`` (percent, against the un-mixed labels), ``images``,
+        dict with ``loss``, ``acc`` (percent, against the un-mixed labels; None for a task without
+        class logits, a detector), ``images``,
         ``seconds``, ``images_per_s`` and ``skipped`` (list of ``(path, error)``).
     """
     forward = forward or task
     task.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, skipped, step = 0, [], 0
+    seen, skipped, step, scored = 0, [], 0, False
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
@@ -144,6 +145,7 @@ def train_one_epoch(
         loss_sum += out["loss"].detach() * n
         if labels is not None and "logits" in out:  # a classifier's accuracy; other tasks report their loss only
             correct += (out["logits"].detach().argmax(1) == labels).sum()
+            scored = True
         if on_step is not None:
             on_step(n, {"loss": loss_sum, "correct": correct, "seen": seen})
     if seen and (i + 1) % accum_steps != 0:  # flush a partial accumulation at the end of the epoch
@@ -151,7 +153,7 @@ def train_one_epoch(
     seconds = time.perf_counter() - t0
     return {
         "loss": (loss_sum / max(seen, 1)).item(),
-        "acc": 100.0 * correct.item() / max(seen, 1),
+        "acc": 100.0 * correct.item() / max(seen, 1) if scored else None,
         "images": seen,
         "seconds": seconds,
         "images_per_s": seen / max(seconds, 1e-9),

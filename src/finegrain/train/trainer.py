@@ -366,7 +366,9 @@ def open_job(run_dir: Path, args: dict[str, Any], *, resume: bool) -> bool:
 
 def print_epoch(row: dict, metric: str = "val_top1") -> None:
     """One line per epoch: training loss and accuracy, validation numbers, speed."""
-    msg = f"epoch {row['epoch']}: loss {row['train_loss']:.3f} train acc {row['train_acc']:.1f}%"
+    msg = f"epoch {row['epoch']}: loss {row['train_loss']:.3f}"
+    if row.get("train_acc") is not None:  # a detector has no training accuracy
+        msg += f" train acc {row['train_acc']:.1f}%"
     if "val_loss" in row:
         msg += f" | val loss {row['val_loss']:.3f}"
     if metric in row:
@@ -407,6 +409,7 @@ def _reduce_train(world: World, tr: dict, device: torch.device) -> dict:
     """Training metrics of all ranks together (every rank gets the same numbers)."""
     if not world.distributed:
         return tr
-    loss, correct, n = dist_.all_reduce_sums(world, [tr["loss"] * tr["images"], tr["acc"] * tr["images"], tr["images"]], device)
-    return {**tr, "loss": loss / max(n, 1), "acc": correct / max(n, 1), "images": int(n),
+    acc = tr["acc"] if tr["acc"] is not None else 0.0
+    loss, correct, n = dist_.all_reduce_sums(world, [tr["loss"] * tr["images"], acc * tr["images"], tr["images"]], device)
+    return {**tr, "loss": loss / max(n, 1), "acc": correct / max(n, 1) if tr["acc"] is not None else None, "images": int(n),
             "images_per_s": n / max(tr["seconds"], 1e-9), "skipped": dist_.all_gather_lists(world, tr["skipped"])}

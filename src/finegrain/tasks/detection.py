@@ -1,0 +1,176 @@
+"""Object detection and instance segmentation as a Task: torchvision's detectors on any timm backbone.
+
+The backbone's last four feature maps go through a feature pyramid (Lin et al. 2017, "Feature
+Pyramid Networks for Object Detection", arXiv:1612.03144) into one of torchvision's detectors:
+
+- ``faster_rcnn``: two-stage, region proposals then RoI heads (Ren et al. 2015, arXiv:1506.01497);
+- ``retinanet``: one-stage with the focal loss (Lin et al. 2017, arXiv:1708.02002);
+- ``fcos``: one-stage and anchor-free (Tian et al. 2019, arXiv:1904.01355);
+- ``mask_rcnn``: Faster R-CNN with a mask head, for instance masks (He et al. 2017, arXiv:1703.06870).
+
+Labels in finegrain are ``0..C-1``; torchvision's detectors reserve 0 for the background, so the
+task adds one on the way in and removes it on the way out. The detector resizes and normalises
+its input itself (``min_size``/``max_size``, the backbone's mean and std): ``predict`` takes
+images as they are, ``[3, H, W]`` floats in ``[0, 1]`` of any size, and returns boxes in their
+pixel coordinates. In training the short side is drawn from ``img_size * (1 +- scale_jitter)``
+(multi-scale training, box-aware because the detector's own transform rescales the targets).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from finegrain.tasks.base import TASKS, BuildContext, Task, TaskOptions, option
+
+DETECTORS = ("faster_rcnn", "retinanet", "fcos", "mask_rcnn")
+
+
+class PyramidBackbone(nn.Module):
+    """A timm backbone's last four feature maps through a feature pyramid (torchvision's backbone contract).
+
+    Args:
+        model: a timm model; its head and the layers after the last feature map used are removed.
+        out_channels: the pyramid's width.
+        extra: "pool" (a max-pooled extra level, the R-CNN family) or "p6p7" (two strided convolutions
+            on top, RetinaNet and FCOS); either way the pyramid has five levels.
+    """
+
+    def __init__(self, model: nn.Module, out_channels: int, extra: str):
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
+
+        super().__init__()
+        info = list(getattr(model, "feature_info", []))
+        reductions = [f["reduction"] for f in info]
+        if len(set(reductions)) < 3 or not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"detection needs a backbone with feature maps at several strides (ResNet, EfficientNet, MobileNet, "
+                             f"ConvNeXt, ...); {type(model).__name__} has strides {sorted(set(reductions)) or 'unknown'} "
+                             "(a plain ViT has one): choose a convolutional or hierarchical backbone")
+        # the last map of each stride, the finest four of the last four strides (4..32 or 8..32 px)
+        last_of = {r: i for i, r in enumerate(reductions)}
+        self.indices = sorted(last_of.values())[-4:] if extra == "pool" else sorted(last_of.values())[-3:]
+        model.prune_intermediate_layers(self.indices, prune_head=True)
+        self.body = model
+        in_channels = [info[i]["num_chs"] for i in self.indices]
+        blocks = LastLevelMaxPool() if extra == "pool" else LastLevelP6P7(out_channels, out_channels)
+        if extra == "p6p7" and len(self.indices) < 3:
+            raise ValueError("retinanet and fcos need three backbone strides")
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=blocks)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+def build_detector(model: nn.Module, num_classes: int, *, detector: str, fpn_channels: int, min_size: tuple[int, ...],
+                   max_size: int, mean, std, freeze_bn: bool) -> nn.Module:
+    """torchvision's ``detector`` on ``model`` for ``num_classes`` foreground classes (one more for the background)."""
+    from torchvision.models import detection as D
+
+    if detector not in DETECTORS:
+        raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+    if freeze_bn:  # detection batches are a few images: BatchNorm statistics of so few would be noise
+        from timm.layers import freeze_batch_norm_2d
+
+        model = freeze_batch_norm_2d(model)
+    two_stage = detector in ("faster_rcnn", "mask_rcnn")
+    backbone = PyramidBackbone(model, fpn_channels, "pool" if two_stage else "p6p7")
+    common = {"min_size": min_size, "max_size": max_size, "image_mean": list(mean), "image_std": list(std)}
+    cls = {"faster_rcnn": D.FasterRCNN, "retinanet": D.RetinaNet, "fcos": D.FCOS, "mask_rcnn": D.MaskRCNN}[detector]
+    if detector == "retinanet":  # torchvision's default anchors: three scales per level, sizes 32..512
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
+        common["anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    return cls(backbone, num_classes=num_classes + 1, **common)
+
+
+@TASKS.register("detection")
+class DetectionTask(Task):
+    """Find the objects of an image: boxes, scores, labels (and masks with ``mask_rcnn``).
+
+    Args:
+        model: a timm backbone (its classifier is dropped).
+        num_classes: foreground classes.
+        detector: one of :data:`DETECTORS`.
+        fpn_channels: width of the feature pyramid and the heads.
+        img_size: short side the detector resizes images to (``max_size`` is ``img_size * 1333 / 800``).
+        scale_jitter: training draws the short side from ``img_size * [1 - j, 1 + j]``.
+        freeze_bn: keep the backbone's BatchNorm statistics and affine fixed.
+        mean, std: the backbone's input normalisation.
+    """
+
+    name = "detection"
+    trainer: ClassVar[str] = "detection"
+    outputs: ClassVar[str] = "detections"
+    selection_metric: ClassVar[str] = "val_map"
+
+    @dataclass
+    class Options(TaskOptions):
+        detector: str = option("faster_rcnn", f"detection architecture: {', '.join(DETECTORS)}")
+        fpn_channels: int = option(128, "width of the feature pyramid and the detection heads (torchvision uses 256)")
+        scale_jitter: float = option(0.25, "training draws each image's short side from img_size * [1 - j, 1 + j]")
+        freeze_bn: bool = option(True, "freeze the backbone's BatchNorm (detection batches are too small for its statistics)")
+
+        def check(self) -> None:
+            if self.detector not in DETECTORS:
+                raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+            if not 0 <= self.scale_jitter < 1:
+                raise ValueError(f"--scale-jitter must be in [0, 1), got {self.scale_jitter}")
+            if self.fpn_channels < 8:
+                raise ValueError(f"--fpn-channels must be at least 8, got {self.fpn_channels}")
+
+    def __init__(self, model: nn.Module, num_classes: int, *, detector: str = "faster_rcnn", fpn_channels: int = 128,
+                 img_size: int = 512, scale_jitter: float = 0.25, freeze_bn: bool = True,
+                 mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225)):
+        self._args = {"detector": detector, "fpn_channels": fpn_channels, "img_size": img_size, "scale_jitter": scale_jitter,
+                      "freeze_bn": freeze_bn, "mean": list(mean), "std": list(std)}
+        sizes = sorted({int(round(img_size * (1 + f * scale_jitter) / 32) * 32) for f in (-1, -0.5, 0, 0.5, 1)} - {0})
+        min_size = (*sizes, img_size)  # torchvision draws from all in training and uses the last one in eval
+        detector_module = build_detector(model, num_classes, detector=detector, fpn_channels=fpn_channels, min_size=min_size,
+                                         max_size=int(round(img_size * 1333 / 800)), mean=mean, std=std, freeze_bn=freeze_bn)
+        super().__init__(detector_module, num_classes)
+        self.masks = detector == "mask_rcnn"
+
+    @classmethod
+    def build_args(cls, options: TaskOptions, context: BuildContext) -> dict[str, Any]:
+        prep = context.preprocessing or {}
+        args = {"detector": options.detector, "fpn_channels": options.fpn_channels, "scale_jitter": options.scale_jitter,
+                "freeze_bn": options.freeze_bn}
+        if prep:
+            args.update(img_size=int(prep["img_size"]), mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+        return args
+
+    def task_args(self) -> dict[str, Any]:
+        return dict(self._args)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The detector's summed losses (``loss``) and each of them, from ``batch["image"]`` and ``batch["targets"]``."""
+        targets = batch.get("targets")
+        if targets is None:
+            raise ValueError("a detection batch needs per-image 'targets' (boxes and labels); train with finegrain.detect.fit_detection")
+        shifted = [{**t, "labels": t["labels"] + 1} for t in targets]
+        if self.masks and any("masks" not in t for t in targets):
+            raise ValueError("--detector mask_rcnn trains on instance masks, and this data set has none: use COCO annotations with "
+                             "segmentations, or --detector faster_rcnn")
+        losses = self.model(list(batch["image"]), shifted)
+        return {"loss": sum(losses.values()), **{k: v.detach() for k, v in losses.items()}}
+
+    def infer(self, images) -> list[dict[str, torch.Tensor]]:
+        """Detections of each image (a list of ``[3, H, W]`` tensors in [0, 1]): boxes in its pixels, scores, labels ``0..C-1``."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model(list(images))
+        finally:
+            self.model.train(was_training)
+        return [{**o, "labels": o["labels"] - 1} for o in out]
+
+    def new_parameter_names(self) -> set[str]:
+        """Everything but the backbone starts untrained: the pyramid, the proposal network and the heads."""
+        return {n for n, _ in self.named_parameters() if not n.startswith("model.backbone.body.")}

@@ -32,6 +32,10 @@ class DataConfig:
     hierarchy: str | None = _f(None, "CSV of class,parent rows (parents may have parents): hierarchical answers and metrics; "
                                "default: the data set's own taxonomy (NABirds, FGVC-Aircraft), if any")
     img_size: int = _f(448, "training and evaluation crop size in pixels")
+    crop: str = _f("none", "none (whole images), or box: train and validate on each image's bounding-box crop (data sets with "
+                   "boxes, e.g. CUB's bounding_boxes.txt), enlarged by --crop-margin, before the augmentation; images "
+                   "without a box are used whole. Stored in the checkpoint; `finegrain eval` then crops too")
+    crop_margin: float = _f(0.1, "with --crop box: enlarge the box by this fraction of its width/height on each side (clipped to the image)")
     val_fraction: float = _f(0.1, "fraction of each training class held out for validation (model selection, early stopping)")
     split_seed: int = _f(0, "seed of the validation split")
     batch_size: int = _f(32, "images per step (before gradient accumulation)")
@@ -70,6 +74,18 @@ class DataConfig:
             raise ValueError(f"--scale-min must be in (0, 1], got {self.scale_min}")
         if self.cutmix < 0 or self.mixup < 0:
             raise ValueError("--cutmix and --mixup are Beta alphas and must be >= 0")
+        self._check_crop()
+
+    def _check_crop(self) -> None:
+        if self.crop not in ("none", "box"):
+            raise ValueError(f"--crop must be none or box, got {self.crop!r}")
+        if self.crop_margin < 0:
+            raise ValueError(f"--crop-margin is a fraction of the box size per side and must be >= 0, got {self.crop_margin}")
+        if self.crop == "box" and self.cache:
+            raise ValueError("--cache stores whole decoded images, not box crops: drop --cache to train with --crop box")
+        if self.crop == "box" and self.pipeline == "device":
+            raise ValueError("the device pipeline decodes whole images on the GPU and cannot crop them to their boxes: "
+                             "drop --pipeline device (or pass --pipeline cpu) to train with --crop box")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from finegrain.data.base import ImageList
+from finegrain.data.crop import crop_margin_of, crop_rect
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -45,12 +46,16 @@ class ImageDataset(Dataset):
             visible when the annotation says so and it is still inside the output image. A box
             cropped away entirely becomes the whole image. Left/right part names are not swapped
             on a flip (they keep naming the bird's anatomical side).
+
+    A list marked by :func:`finegrain.data.crop.box_crops` is read as the crops of its boxes (before
+    ``transform``; boxes and part locations move with the crop); an image without a box is read whole.
     """
 
     def __init__(self, images: ImageList, transform: Callable, annotations: tuple[str, ...] | list[str] = ()):
         self.images = images
         self.transform = transform
         self.annotations = tuple(annotations)
+        self.crop_margin = crop_margin_of(images)
         check_annotations(images, self.annotations)
         self.num_parts = 0
         if "parts" in self.annotations:
@@ -66,11 +71,18 @@ class ImageDataset(Dataset):
             img = load_rgb(path)
         except Exception as e:  # noqa: BLE001  (any decoder failure means: skip this file)
             return {"skipped": path, "error": f"{type(e).__name__}: {e}"}
+        rect = self._crop_rect(img, i)
         if not self.annotations:
-            return {"image": self.transform(img), "label": self.images.labels[i], "index": i}
-        return {**self._annotated(img, i), "label": self.images.labels[i], "index": i}
+            return {"image": self.transform(img if rect is None else img.crop(rect)), "label": self.images.labels[i], "index": i}
+        return {**self._annotated(img, i, rect), "label": self.images.labels[i], "index": i}
 
-    def _annotated(self, img, i: int) -> dict:
+    def _crop_rect(self, img, i: int) -> tuple[int, int, int, int] | None:
+        """The box crop of image ``i`` (``(left, top, right, bottom)``), None when it is read whole."""
+        if self.crop_margin is None:
+            return None
+        return crop_rect(self.images.boxes[i], self.crop_margin, img.size)
+
+    def _annotated(self, img, i: int, rect: tuple[int, int, int, int] | None = None) -> dict:
         from torchvision import tv_tensors
 
         w, h = img.size
@@ -84,6 +96,11 @@ class ImageDataset(Dataset):
                 xy[pid - 1] = torch.tensor([x, y])
                 vis[pid - 1] = float(visible)
             extra.append(tv_tensors.KeyPoints(xy, canvas_size=(h, w)))
+        if rect is not None:  # the box and the points move with the object crop
+            from torchvision.transforms.v2.functional import crop
+
+            left, top, right, bottom = rect
+            img, extra = img.crop(rect), [crop(e, top, left, bottom - top, right - left) for e in extra]
         image, *moved = self.transform(img, *extra)
         oh, ow = image.shape[-2:]
         item = {"image": image}

@@ -27,6 +27,14 @@ def add_commands(sub) -> None:
                         "known-class accuracy at the stored thresholds")
     p.add_argument("--rollup", type=float, default=None, metavar="P",
                    help="with a class hierarchy: also score roll-up answers at this probability threshold")
+    p.add_argument("--crop", default=None, choices=("none", "gt", "detected"),
+                   help="classify the whole image (none), the data set's bounding-box crop (gt), or the crop of the best box "
+                        "of --detector (detected; images where it finds nothing are classified whole and counted). Default: "
+                        "the checkpoint's training crop (gt after train --crop box, else none); recorded in results.json")
+    p.add_argument("--crop-margin", type=float, default=None, metavar="M",
+                   help="enlarge the box by this fraction of its size per side (default: the checkpoint's, else 0.1)")
+    p.add_argument("--detector", default=None, metavar="DETECTOR_CKPT",
+                   help="detector checkpoint (finegrain detect train) whose top box per image --crop detected uses")
     p.set_defaults(func=_cmd_eval)
 
     c = sub.add_parser("calibrate", help="fit the temperature, open-set thresholds and kNN bank of a checkpoint "
@@ -64,7 +72,8 @@ def _cmd_eval(args) -> int:
 
     m = evaluate(args.checkpoint, args.data, split=args.split, dataset=args.dataset, tta_flip=args.tta_flip,
                  out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                 pipeline=args.pipeline, unknown=args.unknown, rollup=args.rollup, precision=args.precision)
+                 pipeline=args.pipeline, unknown=args.unknown, rollup=args.rollup, precision=args.precision,
+                 crop=args.crop, crop_margin=args.crop_margin, detector=args.detector)
     if "map" in m:  # a detector
         from finegrain.detect.evaluate import print_detection_summary
 

@@ -59,6 +59,9 @@ def evaluate(
     unknown: str | Path | None = None,
     rollup: float | None = None,
     precision: str = "auto",
+    crop: str | None = None,
+    crop_margin: float | None = None,
+    detector: str | Path | None = None,
 ) -> dict:
     """Evaluate ``checkpoint`` on ``split`` of ``data`` and write the results.
 
@@ -76,6 +79,13 @@ def evaluate(
     native bf16), else fp32; ``fp32`` and ``bf16`` force one. The model runs channels_last. The
     precision used is recorded in the results (``finegrain predict`` and exports stay fp32).
 
+    ``crop`` says what is classified: ``none`` the whole image, ``gt`` the data set's box crop,
+    ``detected`` the crop of the highest-scoring box of the ``detector`` checkpoint (an image where
+    it finds nothing is classified whole; ``no_detection`` counts them). The default is the
+    checkpoint's training crop (``gt`` after ``--crop box``, else ``none``; with ``detector``:
+    ``detected``), and ``crop_margin`` defaults to the checkpoint's margin (else 0.1). The results
+    record ``crop``, ``crop_margin``, ``detector`` and ``no_detection``.
+
     A detector checkpoint gets its COCO box (and mask) AP instead (see
     :func:`finegrain.detect.evaluate.evaluate_detection`).
 
@@ -89,6 +99,8 @@ def evaluate(
         return evaluate_detection(path, data, split=split, dataset=dataset, out_dir=out_dir, workers=workers, device=device)
     predictor = Predictor.from_checkpoint(path, device=device, tta_flip=tta_flip)
     images, absent = eval_images(open_dataset(data, split, dataset=dataset), predictor.classes, data)
+    images, crop_info = eval_crops(images, predictor.meta["preprocessing"], crop=crop, margin=crop_margin, detector=detector,
+                                   device=predictor.device, pipeline=pipeline)
     loader = eval_batches(images, predictor.meta["preprocessing"], predictor.device, pipeline=pipeline,
                           transform=predictor.transform, batch_size=batch_size, workers=workers)
     t0 = time.perf_counter()
@@ -104,9 +116,12 @@ def evaluate(
     metrics = classification_metrics(logits, labels, images.classes)
     metrics.update({
         "checkpoint": str(path), "data": str(data), "split": split, "tta": "hflip" if tta_flip else "none", "pipeline": pipeline,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "bf16" if bf16 else "fp32", **crop_info,
         "classes_absent": absent, "skipped": [p for p, _ in skipped], "seconds": seconds, "images_per_s": len(labels) / max(seconds, 1e-9),
     })
+    if crop_info["no_detection"]:  # unreadable files have no box either; they are counted as skipped, not here
+        gone = {p for p, _ in skipped}
+        metrics["no_detection"] = sum(b is None and p not in gone for p, b in zip(images.paths, images.boxes))
     metrics.update(open_world_metrics(predictor, logits, feats, labels, unknown=unknown, rollup=rollup, batch_size=batch_size,
                                       workers=workers))
     out = Path(out_dir) if out_dir else path.parent / f"eval-{split}"
@@ -119,6 +134,40 @@ def evaluate(
         _save_reliability(metrics["calibration"], logits, predictor.temperature, out)
     metrics["out_dir"] = str(out)
     return metrics
+
+
+def eval_crops(images: ImageList, prep: dict, *, crop: str | None = None, margin: float | None = None,
+               detector: str | Path | None = None, device: str | torch.device = "auto",
+               pipeline: str = "cpu") -> tuple[ImageList, dict]:
+    """``images`` marked to be read as the crops ``crop`` asks for (see :func:`evaluate`), and what was used for the results.
+
+    ``prep`` is the checkpoint's preprocessing (its ``crop``/``crop_margin`` give the defaults).
+    Detected boxes come from one pass of the detector over the images before classification.
+    """
+    from finegrain.data.crop import box_crops, detected_boxes
+
+    trained = prep.get("crop", "none")
+    crop = crop or ("detected" if detector else "gt" if trained == "box" else "none")
+    if crop not in ("none", "gt", "detected"):
+        raise ValueError(f"--crop must be none, gt or detected, got {crop!r}")
+    if (crop == "detected") != (detector is not None):
+        raise ValueError("--crop detected needs --detector DETECTOR_CKPT (a `finegrain detect train` checkpoint)" if detector is None
+                         else f"--detector applies to --crop detected, not --crop {crop}: drop --detector or pass --crop detected")
+    margin = float(prep.get("crop_margin", 0.1) if margin is None else margin)
+    info = {"crop": crop, "crop_margin": None if crop == "none" else margin, "detector": None if detector is None else str(detector),
+            "no_detection": None}
+    if crop == "none":
+        return images, info
+    if pipeline == "device":
+        raise ValueError(f"the device pipeline decodes whole images and cannot crop them: drop --pipeline device (or pass "
+                         f"--pipeline cpu) with --crop {crop}")
+    if crop == "gt":
+        return box_crops(images, margin), info
+    boxes = detected_boxes(detector, images.paths, device)
+    info["no_detection"] = sum(b is None for b in boxes)
+    if info["no_detection"]:
+        console.print(f"[yellow]the detector found nothing in {info['no_detection']} of {len(images)} images; they are classified whole")
+    return box_crops(images, margin, boxes=boxes, warn=False), info
 
 
 def _is_detector(path: Path) -> bool:
@@ -158,6 +207,9 @@ def print_summary(metrics: dict, n_pairs: int = 5) -> None:
         t.add_column(col, justify="right")
     t.add_row(*(f"{metrics[k]:.2f}" for k in ("top1", "top5", "mean_per_class_acc", "macro_precision", "macro_recall", "macro_f1")))
     console.print(t)
+    if metrics.get("crop") not in (None, "none"):
+        lost = f"; nothing detected in {metrics['no_detection']} images, classified whole" if metrics.get("no_detection") else ""
+        console.print(f"classified the {metrics['crop']} box crops (margin {metrics['crop_margin']:g}){lost}")
     if metrics["most_confused"]:
         console.print("most confused (true -> predicted):")
         for p in metrics["most_confused"][:n_pairs]:

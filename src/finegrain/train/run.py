@@ -17,6 +17,7 @@ from finegrain import checkpoint as ckpt
 from finegrain.config import RunConfig
 from finegrain.data.base import ImageList, open_dataset
 from finegrain.data.cache import CachedImageDataset, open_or_build_cache
+from finegrain.data.crop import box_crops
 from finegrain.data.dataset import ImageDataset, check_annotations, check_files, collate
 from finegrain.data.device import DeviceAugment, DevicePrefetcher, EncodedImageDataset, collate_device, device_batch, eval_batches
 from finegrain.data.sampler import epoch_batches
@@ -95,7 +96,7 @@ def fit(cfg: RunConfig, *, max_epochs: int | None = None, on_epoch: Callable[[di
     world = dist_.world_from_env()
     device = dist_.setup(world, resolve_device(cfg.train.device))
     try:
-        return _fit(make_plan(cfg, world, device), max_epochs, on_epoch)
+        return _fit(_crops_on_cpu(make_plan(cfg, world, device)), max_epochs, on_epoch)
     finally:
         dist_.teardown(world)
 
@@ -109,6 +110,8 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
                          "needs at least two (one folder per class), or it scores a meaningless 100%")
     check_files(images, cfg.data.data, fate="they are skipped and listed in the run folder's skipped_images.txt",
                 warn=plan.is_main)
+    if cfg.data.crop == "box":  # every dataset made from these (training, validation, calibration) reads the box crops
+        images = box_crops(images, cfg.data.crop_margin, warn=plan.is_main)
     # a task trained on boxes / part locations: the data must have them and nothing may drop or scramble them
     check_annotations(images, plan.annotations, task=cfg.model.task, cache=cfg.data.cache,
                       mixing=cfg.data.cutmix > 0 or cfg.data.mixup > 0, augment=cfg.data.augment, pipeline=plan.pipeline)
@@ -119,7 +122,7 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         ckpt.atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     model = build_backbone(cfg, len(images.classes), pretrained="none" if cfg.train.resume else None)
-    plan = plan.with_model(model)
+    plan = _with_crop(plan.with_model(model))
     task = build_task(cfg, model, len(images.classes), plan.preprocessing)
     taxonomy = _taxonomy(cfg, images)
     meta = ckpt.describe(task, model=dataclasses.asdict(cfg.model), classes=images.classes, preprocessing=plan.preprocessing,
@@ -132,6 +135,20 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
     if cfg.train.calibrate and plan.is_main and val_idx and not r.interrupted and r.best_checkpoint is not None:
         _calibrate_best(r.best_checkpoint, images, train_idx, val_idx, plan)
     return RunResult(r.run_dir, r.best_checkpoint, r.best_epoch, r.best_metric, r.epochs_run, r.stopped_early, r.interrupted)
+
+
+def _crops_on_cpu(plan: Plan) -> Plan:
+    """``--pipeline auto`` with ``--crop box``: the CPU pipeline, the one that crops (an explicit device pipeline is refused by the config)."""
+    return dataclasses.replace(plan, pipeline="cpu") if plan.cfg.data.crop == "box" else plan
+
+
+def _with_crop(plan: Plan) -> Plan:
+    """The plan whose checkpoint preprocessing also says the model was trained on box crops (``crop``, ``crop_margin``),
+    which ``finegrain eval`` follows by default; ``finegrain predict`` classifies the images it is given as they are."""
+    d = plan.cfg.data
+    if d.crop == "none":
+        return plan
+    return dataclasses.replace(plan, preprocessing={**plan.preprocessing, "crop": d.crop, "crop_margin": d.crop_margin})
 
 
 def _taxonomy(cfg: RunConfig, images: ImageList):

@@ -7,14 +7,16 @@ from pathlib import Path
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (optionally INT8), verified against eager outputs")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (optionally INT8), verified against eager outputs; "
+                                      "a detector exports to ONNX (one image of any size in, its detections out)")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="output format")
     p.add_argument("--out", default=None, help="output file (default: beside the checkpoint, .onnx or .pt)")
     p.add_argument("--int8", action="store_true", help="also write <stem>.int8.onnx (ONNX Runtime static QDQ, per-channel)")
     p.add_argument("--calib-data", default=None, help="folder of real images for INT8 calibration")
     p.add_argument("--calib-images", type=int, default=64, help="number of calibration images")
-    p.add_argument("--verify-data", default=None, help="folder of real images to compare with eager outputs (default: --calib-data)")
+    p.add_argument("--verify-data", default=None, help="folder of real images to compare with eager outputs (default: --calib-data); "
+                                                     "for a detector, its data set (COCO, VOC, CSV, benchmark) or a folder of images")
     p.add_argument("--verify-images", type=int, default=32, help="number of images to verify on")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     p.set_defaults(func=_cmd_export)
@@ -40,12 +42,16 @@ def add_commands(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from finegrain.checkpoint import resolve_checkpoint
+    from finegrain.checkpoint import read_meta, resolve_checkpoint
     from finegrain.deploy.onnx import export_checkpoint
+    from finegrain.tasks import TASKS
 
+    ckpt = resolve_checkpoint(args.checkpoint)
+    meta = read_meta(ckpt)
+    if TASKS.get(meta.task).outputs == "detections":
+        return _export_detector(args, ckpt, meta)
     out = args.out
     if out is None:
-        ckpt = resolve_checkpoint(args.checkpoint)
         out = ckpt.with_suffix(".onnx" if args.format == "onnx" else ".pt")
     s = export_checkpoint(args.checkpoint, Path(out), format=args.format, int8=args.int8, calib_data=args.calib_data,
                           calib_images=args.calib_images, verify_data=args.verify_data, verify_images=args.verify_images,
@@ -56,6 +62,33 @@ def _cmd_export(args) -> int:
         print(f"{name:<6} {v['max_abs_diff']:>14.3g} {100 * v['top1_agreement']:>15.1f}%")
     if "int8_path" in s:
         print(f"int8 model: {s['int8_path']} ({s['calibration_images']} calibration images, {s['quantize_seconds']} s)")
+    print(json.dumps(s))
+    return 0
+
+
+def _export_detector(args, ckpt: Path, meta) -> int:
+    """``finegrain export`` of a detector: ONNX of one image of any size, verified on images of --verify-data."""
+    from finegrain.detect.export import detection_images, export_detector_onnx
+
+    if args.format != "onnx":
+        raise ValueError(f"--format {args.format} exports classifiers; a {meta.task} checkpoint exports with --format onnx")
+    if args.int8:
+        raise ValueError("--int8 quantizes classifiers; export the detector without it (float ONNX, verified against eager)")
+    if args.verify_images < 1:
+        raise ValueError(f"--verify-images must be at least 1, got {args.verify_images}")
+    data = args.verify_data if args.verify_data is not None else args.calib_data
+    labels = (meta.detection or {}).get("labels", "species")
+    files = detection_images(data, args.verify_images, labels=labels) if data is not None else None
+    out = Path(args.out) if args.out else ckpt.with_suffix(".onnx")
+    s = export_detector_onnx(ckpt, out, verify_images=files, opset=args.opset)
+    v = s["verify"]
+    print(f"exported {s['path']} (onnx, {s['detector']}, {s['export_seconds']} s); verified on {s['verify_inputs']}"
+          + ("" if files else " (pass --verify-data for real images)"))
+    masks = f", min mask IoU {v['min_mask_iou']:.4f}" if "min_mask_iou" in v else ""
+    print(f"{v['detections']} detections above {v['score_threshold']} matched, max box diff {v['max_box_diff']:.3g} px, "
+          f"max score diff {v['max_score_diff']:.3g}{masks}")
+    if "warning" in s:
+        print(f"warning: {s['warning']}")
     print(json.dumps(s))
     return 0
 

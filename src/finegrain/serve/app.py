@@ -1,4 +1,5 @@
-"""FastAPI app factory: ``POST /predict``, ``POST /explain``, ``GET /labels``, ``GET /health`` and a page at ``/``.
+"""FastAPI app factory: ``POST /predict``, ``POST /explain``, ``GET /labels``, ``GET /health`` and a page at ``/``;
+with a detector, ``POST /detect`` too (detect, then classify each object: :mod:`finegrain.serve.detect`).
 
 Requests are decoded and preprocessed in the threadpool (in parallel), then a single worker
 thread gathers them into micro-batches (up to ``batch_size`` images, waiting at most
@@ -196,9 +197,18 @@ def _decode_side(preprocessing: dict) -> int:
     return math.ceil(int(preprocessing["img_size"]) / float(preprocessing.get("crop_pct") or 1.0))
 
 
+def check_topk(topk: int | None, default: int, num_classes: int) -> int:
+    """The ``?topk=`` of a request (``default`` when absent, capped at the class count), or a 422."""
+    k = topk if topk is not None else min(default, num_classes)
+    if not 1 <= k <= num_classes:
+        raise InputError(422, f"topk must be between 1 and {num_classes}, got {k}")
+    return k
+
+
 def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, max_pixels: int = 40_000_000, topk: int = 5,
                batch_size: int = 16, max_wait_ms: float = 5.0, device: str = "auto", max_inflight: int = 64,
-               decode_slots: int = 4, answering: Answering | None = None):
+               decode_slots: int = 4, answering: Answering | None = None, detector: Any = None,
+               detect_options: dict[str, Any] | None = None):
     """Build the FastAPI app.
 
     Args:
@@ -208,17 +218,20 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
         topk: default number of classes returned (``?topk=`` overrides it per request).
         batch_size: largest micro-batch.
         max_wait_ms: how long the first request of a batch waits for others.
-        device: device when ``model`` is a path.
+        device: device when ``model`` (or ``detector``) is a path.
         max_inflight: requests handled at once; more get 503 with ``Retry-After`` (see :mod:`.limits`).
         decode_slots: images decoded at once (each holds its decoded pixels).
         answering: open-set rejection and hierarchical roll-up (``"unknown"``, ``"rollup"`` in the answers).
+        detector: a detector checkpoint (or a ready :class:`~finegrain.detect.pipeline.DetectThenClassify`): adds
+            ``POST /detect``, whose objects ``model`` classifies, and the page draws their boxes.
+        detect_options: ``margin``, ``score_threshold``, ``max_objects``, ``tile``, ``tile_overlap`` of the detector.
     """
     _require_fastapi()
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import JSONResponse
 
     if max_upload_mb <= 0 or max_pixels <= 0 or batch_size < 1 or topk < 1:
         raise ValueError(f"--max-upload-mb ({max_upload_mb}), --max-pixels ({max_pixels}), --batch-size ({batch_size}) "
@@ -227,14 +240,12 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
     predictor = model if isinstance(model, Predictor) else Predictor.from_checkpoint(model, device=device, answering=answering)
     if answering is not None and isinstance(model, Predictor):
         predictor.answering = predictor._check_answering(answering)
-    classes = predictor.classes
-    max_bytes = int(max_upload_mb * 1024 * 1024)
-    default_topk = topk
     batcher = MicroBatcher(predictor, batch_size=batch_size, max_wait_ms=max_wait_ms)
-    side = _decode_side(predictor.meta["preprocessing"])
-    info = {"backbone": predictor.meta.get("model", {}).get("backbone"), "task": predictor.meta.get("task"),
-            "num_classes": len(classes), "img_size": predictor.meta["preprocessing"]["img_size"],
-            "calibrated": predictor.temperature != 1.0, "reject": predictor.answering.reject, "rollup": predictor.answering.rollup}
+    pipeline = None
+    if detector is not None:
+        from finegrain.serve.detect import add_detect_route, describe, load_pipeline
+
+        pipeline = load_pipeline(detector, predictor, device=device, options=detect_options)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -253,6 +264,23 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
     async def _busy(request, exc: Busy):
         return JSONResponse({"detail": exc.detail}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
 
+    limits = {"gate": gate, "max_bytes": int(max_upload_mb * 1024 * 1024), "max_pixels": max_pixels}
+    _add_predict_route(app, predictor, batcher, default_topk=topk, **limits)
+    _add_explain_route(app, predictor, batcher, **limits)
+    if pipeline is not None:
+        add_detect_route(app, pipeline, model_lock=batcher.model_lock, default_topk=topk, **limits)
+    _add_info_routes(app, predictor, batcher, gate, detector=None if pipeline is None else describe(pipeline),
+                     limits={"max_upload_mb": max_upload_mb, "max_pixels": max_pixels})
+    return app
+
+
+def _add_predict_route(app, predictor: Predictor, batcher: MicroBatcher, *, gate: RequestGate, max_bytes: int, max_pixels: int,
+                       default_topk: int) -> None:
+    from fastapi import Request
+    from fastapi.concurrency import run_in_threadpool
+
+    side = _decode_side(predictor.meta["preprocessing"])
+
     def _preprocess(data: bytes):
         image = decode_image(data, max_pixels=max_pixels, min_side=side)
         return predictor.transform(image), image.info["original_size"]
@@ -260,9 +288,7 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
     @app.post("/predict")
     async def predict(request: Request, topk: int | None = None) -> dict[str, Any]:
         """Top-k classes of one image (multipart field ``file``, or a raw ``image/*`` body)."""
-        k = topk if topk is not None else min(default_topk, len(classes))
-        if not 1 <= k <= len(classes):
-            raise InputError(422, f"topk must be between 1 and {len(classes)}, got {k}")
+        k = check_topk(topk, default_topk, len(predictor.classes))
         start = time.perf_counter()
         async with gate.admit():
             data = await read_upload(request, max_bytes)
@@ -272,6 +298,14 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
             logits, feats = await asyncio.wrap_future(batcher.submit(tensor))
         (row,) = predictor.answer(logits[None], None if feats is None else feats[None], k)
         return {**row, "image_size": list(size), "elapsed_ms": round(1000 * (time.perf_counter() - start), 2)}
+
+
+def _add_explain_route(app, predictor: Predictor, batcher: MicroBatcher, *, gate: RequestGate, max_bytes: int,
+                       max_pixels: int) -> None:
+    from fastapi import Request
+    from fastapi.concurrency import run_in_threadpool
+
+    side = _decode_side(predictor.meta["preprocessing"])
 
     def _heatmap(data: bytes) -> dict[str, Any]:
         import base64
@@ -284,7 +318,7 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
             (heat, cls), = explain(predictor, [image], method=method)
         buf = io.BytesIO()
         overlay(display_crop(image, predictor.meta["preprocessing"]), heat).save(buf, "PNG")
-        return {"class": classes[cls], "index": cls, "method": method,
+        return {"class": predictor.classes[cls], "index": cls, "method": method,
                 "heatmap": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")}
 
     @app.post("/explain")
@@ -300,6 +334,17 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
                 raise InputError(422, f"cannot explain this model: {e}") from e
         return {**out, "elapsed_ms": round(1000 * (time.perf_counter() - start), 2)}
 
+
+def _add_info_routes(app, predictor: Predictor, batcher: MicroBatcher, gate: RequestGate, *, detector: dict | None,
+                     limits: dict[str, Any]) -> None:
+    """``GET /labels``, ``GET /health`` and the page at ``/``."""
+    from fastapi.responses import HTMLResponse
+
+    classes, meta = predictor.classes, predictor.meta
+    info = {"backbone": meta.get("model", {}).get("backbone"), "task": meta.get("task"), "num_classes": len(classes),
+            "img_size": meta["preprocessing"]["img_size"], "calibrated": predictor.temperature != 1.0,
+            "reject": predictor.answering.reject, "rollup": predictor.answering.rollup, "detector": detector}
+
     @app.get("/labels")
     def labels() -> dict[str, Any]:
         """Class names in output order."""
@@ -308,14 +353,11 @@ def create_app(model: Predictor | str | Path, *, max_upload_mb: float = 10.0, ma
     @app.get("/health")
     def health() -> dict[str, Any]:
         """Liveness plus model description and batching counters."""
-        return {"status": "ok", **info, "batches": batcher.batches, "images": batcher.images,
-                "limits": {"max_upload_mb": max_upload_mb, "max_pixels": max_pixels}, "load": gate.stats()}
+        return {"status": "ok", **info, "batches": batcher.batches, "images": batcher.images, "limits": limits, "load": gate.stats()}
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE
-
-    return app
 
 
 # The web page is inline so that it ships inside the wheel without package-data configuration.
@@ -341,6 +383,10 @@ PAGE = """<!doctype html>
  .bar { background: #4a7; height: .8rem; border-radius: 2px; min-width: 1px; }
  .err { color: #b00; }
  #answer { font-weight: 600; }
+ #detect-fig { flex: 1 1 100%; }
+ #boxes { display: block; max-width: 100%; height: auto; background: #f4f4f4; border-radius: 4px; }
+ td.swatch { width: .8rem; }
+ td.swatch span { display: inline-block; width: .8rem; height: .8rem; border-radius: 2px; }
 </style></head>
 <body>
 <h1>finegrain</h1>
@@ -349,13 +395,18 @@ PAGE = """<!doctype html>
 <div id="result">
  <figure id="preview-fig" hidden><img id="preview" alt="uploaded image"><figcaption>your image</figcaption></figure>
  <figure id="heatmap-fig" hidden><img id="heatmap" alt="Grad-CAM heatmap"><figcaption id="heatmap-caption"></figcaption></figure>
+ <figure id="detect-fig" hidden><canvas id="boxes" aria-label="detected objects with their classes"></canvas>
+  <figcaption id="detect-caption"></figcaption></figure>
  <div id="out" aria-live="polite"></div>
 </div>
 <script>
 const $ = id => document.getElementById(id);
 const drop = $("drop"), file = $("file"), out = $("out");
+let detector = null;  // GET /health's "detector": set when served with --detector (POST /detect)
 fetch("health").then(r => r.json()).then(h => {
-  $("model").textContent = `${h.backbone} (${h.task}), ${h.num_classes} classes, ${h.img_size} px`; });
+  detector = h.detector;
+  $("model").textContent = `${h.backbone} (${h.task}), ${h.num_classes} classes, ${h.img_size} px` +
+    (detector ? `; detector of ${detector.classes.join(", ")}` : ""); });
 drop.onclick = () => file.click();
 file.onchange = () => file.files[0] && send(file.files[0]);
 drop.ondragover = e => { e.preventDefault(); drop.classList.add("over"); };
@@ -377,9 +428,51 @@ async function post(route, f) {
   const r = await fetch(route, { method: "POST", body });
   return [r, await r.json()];
 }
+const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"];
+function drawBoxes(img, j) {  // the image at its own pixel size (the boxes' coordinates); CSS scales the canvas down
+  const c = $("boxes"), ctx = c.getContext("2d");
+  c.width = j.width; c.height = j.height;
+  ctx.drawImage(img, 0, 0, j.width, j.height);
+  const fs = Math.max(12, Math.round(j.width / 45));
+  ctx.lineWidth = Math.max(2, j.width / 300); ctx.font = `${fs}px system-ui, sans-serif`; ctx.textBaseline = "top";
+  j.objects.forEach((o, i) => {
+    const [x0, y0, x1, y1] = o.box, color = COLORS[i % COLORS.length];
+    const label = `${i + 1} ${o.class} ${(100 * o.prob).toFixed(0)}%`;
+    ctx.strokeStyle = color; ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+    const ty = y0 >= fs + 4 ? y0 - fs - 4 : y0;  // above the box, or inside it at the image's top edge
+    ctx.fillStyle = color; ctx.fillRect(x0, ty, ctx.measureText(label).width + 8, fs + 4);
+    ctx.fillStyle = "#fff"; ctx.fillText(label, x0 + 4, ty + 2);
+  });
+}
+function objectTable(j) {
+  const t = document.createElement("table"); t.id = "objects";
+  j.objects.forEach((o, i) => {
+    const row = t.insertRow();
+    const sw = row.insertCell(); sw.className = "swatch";
+    const dot = document.createElement("span"); dot.style.background = COLORS[i % COLORS.length]; sw.appendChild(dot);
+    row.insertCell().textContent = `${i + 1}. ${o.class}`;
+    const s = row.insertCell(); s.className = "score"; s.textContent = (100 * o.prob).toFixed(1) + "%";
+    row.insertCell().textContent = o.topk.slice(1).map(c => `${c.class} ${(100 * c.prob).toFixed(1)}%`).join(", ");
+    row.insertCell().textContent = `${o.detector_label} ${o.score.toFixed(2)}`;
+  });
+  return t;
+}
+async function detect(f) {
+  const [r, j] = await post("detect", f);
+  if (!r.ok) { out.appendChild(error(r.status, j)); return; }
+  const img = $("preview");
+  await img.decode();
+  drawBoxes(img, j);
+  $("detect-caption").textContent = j.objects.length
+    ? `${j.objects.length} object${j.objects.length > 1 ? "s" : ""} detected (detector score >= ${detector.score_threshold}), ` +
+      "each cropped and classified"
+    : `no objects detected (detector score >= ${detector.score_threshold})`;
+  $("detect-fig").hidden = false;
+  if (j.objects.length) out.appendChild(objectTable(j));
+}
 async function send(f) {
   $("preview").src = URL.createObjectURL(f); $("preview-fig").hidden = false;
-  $("heatmap-fig").hidden = true; $("heatmap").removeAttribute("src");
+  $("heatmap-fig").hidden = true; $("heatmap").removeAttribute("src"); $("detect-fig").hidden = true;
   out.textContent = "classifying...";
   const [r, j] = await post("predict", f);
   out.innerHTML = "";
@@ -395,6 +488,7 @@ async function send(f) {
     const b = row.insertCell(); b.className = "barcell"; b.appendChild(bar);
   }
   out.appendChild(t);
+  if (detector) await detect(f);
   const [e, h] = await post("explain", f);
   if (!e.ok) { out.appendChild(error(e.status, h)); return; }
   $("heatmap").src = h.heatmap;

@@ -36,7 +36,7 @@ def test_registries_are_complete_on_import_finegrain():
     code = ("import finegrain\n"
             "print(','.join(finegrain.TASKS.names())); print(','.join(finegrain.DATASETS.names()))")
     tasks, readers = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert set(tasks.split(",")) == {"supervised", "fgvc", "wsdan", "racnn", "parts", "parts-weak", "transfg", "distill",
+    assert set(tasks.split(",")) == {"supervised", "fgvc", "wsdan", "racnn", "parts", "parts-weak", "transfg", "distill", "detection",
                                      "protonet", "relationnet", "maml", "fewshot_baseline"}
     assert set(readers.split(",")) == {"folder", "csv", "cub", "nabirds", "dogs", "cars", "aircraft", "flowers102"}
 

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from finegrain.utils import console
 
-        console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)  # one line to grep
         return 2
     except KeyboardInterrupt as e:  # a trainer has saved a resumable state and says how to continue
         from finegrain.utils import console

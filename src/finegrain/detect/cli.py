@@ -10,7 +10,7 @@ def add_commands(sub) -> None:
     from finegrain.cli import add_config_flags, add_option_flags
     from finegrain.detect.train import DetectConfig
 
-    p = sub.add_parser("detect", help="object detection and instance segmentation: train, eval, predict")
+    p = sub.add_parser("detect", help="object detection and instance segmentation: train, eval, predict, classify (detect, then classify)")
     dsub = p.add_subparsers(dest="detect_command", required=True)
 
     t = dsub.add_parser("train", help="train a detector (Faster R-CNN, RetinaNet, FCOS, Mask R-CNN) on any timm backbone")
@@ -28,6 +28,22 @@ def add_commands(sub) -> None:
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_eval)
+
+    pr = dsub.add_parser("predict", help="the objects of images: box, score and label (--tile for large images)")
+    pr.add_argument("checkpoint", help="detector checkpoint file or run folder")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--score-threshold", type=float, default=0.5, help="drop detections scoring below it")
+    pr.add_argument("--max-objects", type=int, default=100, help="the most objects per image (the highest-scoring)")
+    pr.add_argument("--tile", type=int, default=None, help="detect in windows of at most N pixels a side (large images)")
+    pr.add_argument("--tile-overlap", type=int, default=128, help="least overlap of neighbouring windows in pixels")
+    pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    pr.add_argument("--draw", default=None, metavar="DIR", help="also write each image with its boxes drawn into DIR")
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=_cmd_predict)
+
+    from finegrain.detect.pipeline import add_classify_command
+
+    add_classify_command(dsub)
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -63,3 +79,59 @@ def _cmd_eval(args) -> int:
     print_detection_summary(m)
     print(f"results written to {m['out_dir']}")
     return 0
+
+
+def _cmd_predict(args) -> int:
+    import csv
+    import json
+    import sys
+
+    from finegrain.detect.pipeline import DetectThenClassify
+    from finegrain.predict import expand_images
+
+    images = expand_images(args.images)
+    if not images:
+        raise FileNotFoundError(f"no images found in {' '.join(args.images)}")
+    detector = DetectThenClassify.from_checkpoints(args.checkpoint, None, device=args.device, score_threshold=args.score_threshold,
+                                                   max_objects=args.max_objects, tile=args.tile, tile_overlap=args.tile_overlap)
+    results = detector.predict(images)
+    if args.format == "json":
+        print(json.dumps(results, indent=1))
+    else:
+        rows = [[r["image"], k, *o["box"], o["score"], o["detector_label"]] for r in results for k, o in enumerate(r.get("objects", []), 1)]
+        if args.format == "csv":
+            w = csv.writer(sys.stdout)
+            w.writerow(["image", "object", "x0", "y0", "x1", "y1", "score", "label"])
+            w.writerows(rows)
+        else:
+            for r in results:
+                found = r.get("objects", [])
+                print(f"{r['image']}: " + (r["error"] if "error" in r else f"{len(found)} objects" + "".join(
+                    f"\n  {o['detector_label']} {o['score']:.3f} at {', '.join(f'{v:.0f}' for v in o['box'])}" for o in found)))
+    if args.draw:
+        _draw_all(results, args.draw)
+    failed = [r for r in results if "error" in r]
+    return 2 if len(failed) == len(results) else 0
+
+
+def _draw_all(results: list[dict], out: str) -> None:
+    """Each readable image with its boxes and labels, as PNG in ``out``."""
+    from pathlib import Path
+
+    import torch
+    from PIL import Image, ImageOps
+    from torchvision.transforms.functional import to_pil_image, to_tensor
+
+    from finegrain.detect.evaluate import draw_detections
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for r in results:
+        if "error" in r:
+            continue
+        with Image.open(r["image"]) as im:
+            image = to_tensor(ImageOps.exif_transpose(im).convert("RGB"))
+        objs = r["objects"]
+        names = sorted({o["detector_label"] for o in objs})
+        pred = {"boxes": torch.tensor([o["box"] for o in objs]).reshape(-1, 4), "scores": torch.tensor([o["score"] for o in objs]),
+                "labels": torch.tensor([names.index(o["detector_label"]) for o in objs], dtype=torch.long)}
+        to_pil_image(draw_detections(image, pred, names, score=0.0)).save(Path(out) / f"{Path(r['image']).stem}.png")

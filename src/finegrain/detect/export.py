@@ -98,15 +98,15 @@ def _exact_resize_transform(transform: nn.Module) -> nn.Module:
 class _OneImage(nn.Module):
     """``image [3, H, W] -> boxes, scores, labels (0..C-1)[, masks]`` through a copy of a torchvision detector."""
 
-    def __init__(self, detector: nn.Module, masks: bool):
+    def __init__(self, detector: nn.Module, masks: bool, label_offset: int = 1):
         super().__init__()
         self.detector = copy.deepcopy(detector).eval()
         self.detector.transform = _exact_resize_transform(self.detector.transform)
-        self.masks = masks
+        self.masks, self.label_offset = masks, label_offset
 
     def forward(self, image: torch.Tensor):
         out = self.detector([image])[0]
-        result = (out["boxes"], out["scores"], out["labels"] - 1)  # torchvision's 0 is the background
+        result = (out["boxes"], out["scores"], out["labels"] - self.label_offset)  # the R-CNN family's 0 is the background
         return (*result, out["masks"]) if self.masks else result
 
 
@@ -375,7 +375,7 @@ def export_detector_onnx(checkpoint: str | Path, out: str | Path, *, verify_imag
     size = int(meta.preprocessing.get("img_size", 512))
     start = time.perf_counter()
     try:
-        blob = _trace(_OneImage(task.model, masks), synthetic_image(size, size * 4 // 3, seed=7), opset, masks)
+        blob = _trace(_OneImage(task.model, masks, task.label_offset), synthetic_image(size, size * 4 // 3, seed=7), opset, masks)
     except Exception as e:  # noqa: BLE001  (the exporter raises many error types)
         what = "Mask R-CNN's mask head" if masks else f"the {detector} detector"
         raise ValueError(f"ONNX export of {path} ({detector}) failed in {what}: {type(e).__name__}: {e}. Try another --opset "

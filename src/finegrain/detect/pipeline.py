@@ -70,7 +70,7 @@ def _check_checkpoints(detector: str | Path, classifier: str | Path | Predictor)
     from finegrain.tasks import TASKS, classifier_tasks
 
     det = TASKS.get(read_meta(detector).task)
-    cls = None if isinstance(classifier, Predictor) else TASKS.get(read_meta(classifier).task)
+    cls = None if classifier is None or isinstance(classifier, Predictor) else TASKS.get(read_meta(classifier).task)
     swapped = det.outputs == "classes" and cls is not None and cls.outputs == "detections"
     hint = " The two look swapped: give the DETECTOR first, then the CLASSIFIER." if swapped else ""
     if det.outputs != "detections":
@@ -88,7 +88,8 @@ class DetectThenClassify:
     Args:
         detector: a detection task (see :func:`finegrain.detect.evaluate.load_detector`).
         detector_classes: the detector's class names, in its label order.
-        classifier: the classifier's :class:`Predictor` (its calibration, open-set and roll-up answers apply).
+        classifier: the classifier's :class:`Predictor` (its calibration, open-set and roll-up answers apply); None
+            detects only (objects then have no ``class``/``topk``).
         margin: fraction of each box's width and height added on each side before cropping (clipped to the image).
         score_threshold: detections scoring below it are dropped.
         max_objects: the most objects kept per image, the highest-scoring ones.
@@ -107,8 +108,8 @@ class DetectThenClassify:
         if getattr(detector, "outputs", None) != "detections":
             raise ValueError(f"the detector must be a detection task, got {getattr(detector, 'name', type(detector).__name__)}. "
                              f"Supported tasks: {', '.join(_detection_tasks())}")
-        if not isinstance(classifier, Predictor):
-            raise TypeError(f"the classifier must be a finegrain Predictor, got {type(classifier).__name__}: "
+        if classifier is not None and not isinstance(classifier, Predictor):
+            raise TypeError(f"the classifier must be a finegrain Predictor (or None: detect only), got {type(classifier).__name__}: "
                             "use DetectThenClassify.from_checkpoints(detector, classifier)")
         if not (isinstance(margin, (int, float)) and 0 <= margin <= 10):
             raise ValueError(f"--margin is a fraction of the box size added on each side, in [0, 10], got {margin!r}")
@@ -143,7 +144,7 @@ class DetectThenClassify:
 
         _check_checkpoints(detector, classifier)
         task, meta = load_detector(detector, device)
-        if not isinstance(classifier, Predictor):
+        if classifier is not None and not isinstance(classifier, Predictor):
             classifier = Predictor.from_checkpoint(classifier, device=device, batch_size=batch_size or max_objects)
         return cls(task, meta.classes, classifier, margin=margin, score_threshold=score_threshold, max_objects=max_objects,
                    tile=tile, tile_overlap=tile_overlap)
@@ -177,6 +178,10 @@ class DetectThenClassify:
         """``{"width", "height", "objects"}`` of one upright RGB image (see :meth:`predict`)."""
         found = self.detect(image)
         boxes = [[round(v, 2) for v in b] for b in found["boxes"].tolist()]
+        if self.classifier is None:  # detection only (finegrain detect predict)
+            return {"width": image.width, "height": image.height, "objects": [
+                {"box": box, "score": round(score, 6), "detector_label": self._detector_name(label)}
+                for box, score, label in zip(boxes, found["scores"].tolist(), found["labels"].tolist())]}
         rows = self.classify(image, boxes, topk=topk)
         objects = []
         for box, score, label, row in zip(boxes, found["scores"].tolist(), found["labels"].tolist(), rows):

@@ -8,8 +8,9 @@ Pyramid Networks for Object Detection", arXiv:1612.03144) into one of torchvisio
 - ``fcos``: one-stage and anchor-free (Tian et al. 2019, arXiv:1904.01355);
 - ``mask_rcnn``: Faster R-CNN with a mask head, for instance masks (He et al. 2017, arXiv:1703.06870).
 
-Labels in finegrain are ``0..C-1``; torchvision's detectors reserve 0 for the background, so the
-task adds one on the way in and removes it on the way out. The detector resizes and normalises
+Labels in finegrain are ``0..C-1``; torchvision's R-CNN detectors reserve 0 for the background, so
+for them the task adds one on the way in and removes it on the way out (RetinaNet and FCOS have
+no background class and take the labels as they are). The detector resizes and normalises
 its input itself (``min_size``/``max_size``, the backbone's mean and std): ``predict`` takes
 images as they are, ``[3, H, W]`` floats in ``[0, 1]`` of any size, and returns boxes in their
 pixel coordinates. In training the short side is drawn from ``img_size * (1 +- scale_jitter)``
@@ -44,6 +45,11 @@ class PyramidBackbone(nn.Module):
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
         super().__init__()
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        if cfg.get("fixed_input_size"):
+            raise ValueError(f"detection feeds images of many sizes, and {cfg.get('architecture', type(model).__name__)} takes only "
+                             f"{tuple(cfg.get('input_size', ()))[-2:]} inputs (ViT, Swin, MaxViT, CoAtNet...): choose a convolutional "
+                             "backbone (ResNet, EfficientNet, MobileNet, ConvNeXt, ...)")
         info = list(getattr(model, "feature_info", []))
         reductions = [f["reduction"] for f in info]
         if len(set(reductions)) < 3 or not hasattr(model, "forward_intermediates"):
@@ -87,7 +93,8 @@ def build_detector(model: nn.Module, num_classes: int, *, detector: str, fpn_cha
 
         sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
         common["anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-    return cls(backbone, num_classes=num_classes + 1, **common)
+    # the R-CNN family scores a background class 0; RetinaNet and FCOS have none (an unmatched anchor's targets are all zero)
+    return cls(backbone, num_classes=num_classes + 1 if two_stage else num_classes, **common)
 
 
 @TASKS.register("detection")
@@ -136,6 +143,7 @@ class DetectionTask(Task):
                                          max_size=int(round(img_size * 1333 / 800)), mean=mean, std=std, freeze_bn=freeze_bn)
         super().__init__(detector_module, num_classes)
         self.masks = detector == "mask_rcnn"
+        self.label_offset = 1 if detector in ("faster_rcnn", "mask_rcnn") else 0  # torchvision's label of class 0
 
     @classmethod
     def build_args(cls, options: TaskOptions, context: BuildContext) -> dict[str, Any]:
@@ -154,7 +162,7 @@ class DetectionTask(Task):
         targets = batch.get("targets")
         if targets is None:
             raise ValueError("a detection batch needs per-image 'targets' (boxes and labels); train with finegrain.detect.fit_detection")
-        shifted = [{**t, "labels": t["labels"] + 1} for t in targets]
+        shifted = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
         if self.masks and any("masks" not in t for t in targets):
             raise ValueError("--detector mask_rcnn trains on instance masks, and this data set has none: use COCO annotations with "
                              "segmentations, or --detector faster_rcnn")
@@ -169,7 +177,7 @@ class DetectionTask(Task):
             out = self.model(list(images))
         finally:
             self.model.train(was_training)
-        return [{**o, "labels": o["labels"] - 1} for o in out]
+        return [{**o, "labels": o["labels"] - self.label_offset} for o in out]
 
     def new_parameter_names(self) -> set[str]:
         """Everything but the backbone starts untrained: the pyramid, the proposal network and the heads."""

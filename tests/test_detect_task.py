@@ -1,0 +1,254 @@
+"""The detection task over every detector and backbone family, and its training through the one trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from finegrain.models.backbone import create_backbone
+from finegrain.tasks import TASKS, build_task
+from finegrain.tasks.detection import DETECTORS
+
+CONV_FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "test_byobnet", "test_nfnet", "test_mambaout"]
+FIXED_SIZE = [n for n in timm.list_models("test_*") if n not in CONV_FAMILIES and not n.startswith(("test_efficientnet", "test_convnext"))]
+
+
+def _batch(masks: bool = False):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 100, 150, generator=g), torch.rand(3, 130, 90, generator=g)]
+    targets = [{"boxes": torch.tensor([[5.0, 10, 60, 80], [70, 20, 140, 90]]), "labels": torch.tensor([0, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    if masks:
+        for im, t in zip(images, targets):
+            m = torch.zeros(len(t["boxes"]), *im.shape[1:], dtype=torch.uint8)
+            for k, (x0, y0, x1, y1) in enumerate(t["boxes"].int().tolist()):
+                m[k, y0:y1, x0:x1] = 1
+            t["masks"] = m
+    return images, targets
+
+
+# The pyramid is what depends on the backbone, the heads on the detector: every family under the
+# two-stage and a one-stage detector, and every detector on one family.
+CASES = sorted({*((b, d) for b in CONV_FAMILIES for d in ("faster_rcnn", "fcos")), *(("test_resnet", d) for d in DETECTORS)})
+
+
+@pytest.mark.parametrize(("backbone", "detector"), CASES)
+def test_every_detector_on_every_family_trains_and_predicts(detector, backbone):
+    torch.manual_seed(0)
+    task = build_task("detection", create_backbone(backbone, num_classes=3), 3, detector=detector, img_size=64)
+    images, targets = _batch(masks=detector == "mask_rcnn")
+    task.train()
+    out = task({"image": images, "targets": targets})
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    torch.testing.assert_close(out["loss"], sum(v for k, v in out.items() if k != "loss"))
+    out["loss"].backward()
+    frozen = {n for n, p in task.named_parameters() if not p.requires_grad}
+    missing = [n for n, p in task.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not missing, f"parameters without a gradient: {missing[:5]}"
+    assert not any("fpn" in n or "head" in n for n in frozen)
+    task.eval()
+    for o, im in zip(task.predict(images), images):
+        h, w = im.shape[1:]
+        assert o["boxes"].shape[1] == 4 and len(o["boxes"]) == len(o["scores"]) == len(o["labels"])
+        assert (o["labels"] >= 0).all() and (o["labels"] < 3).all()  # background removed: 0..C-1
+        assert (o["boxes"][:, 2] <= w + 1e-3).all() and (o["boxes"][:, 3] <= h + 1e-3).all()  # the input image's pixels
+        if detector == "mask_rcnn":
+            assert o["masks"].shape[-2:] == (h, w)
+
+
+@pytest.mark.parametrize("backbone", FIXED_SIZE)
+def test_fixed_size_backbones_are_refused_naming_the_fix(backbone):
+    with pytest.raises(ValueError, match="convolutional"):
+        build_task("detection", create_backbone(backbone, num_classes=2), 2)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_labels_reach_torchvision_shifted_past_the_background(monkeypatch, detector):
+    """finegrain label k is R-CNN class k + 1 (0 is their background) and RetinaNet/FCOS class k; predictions come back as k."""
+    task = build_task("detection", create_backbone("test_resnet", num_classes=3), 3, detector=detector, img_size=96)
+    shift = 1 if detector in ("faster_rcnn", "mask_rcnn") else 0
+    images, targets = _batch(masks=detector == "mask_rcnn")
+    seen = {}
+
+    def fake(imgs, tgts=None):
+        if tgts is not None:
+            seen["labels"] = [t["labels"].tolist() for t in tgts]
+            return {"loss_a": torch.tensor(1.0, requires_grad=True)}
+        return [{"boxes": torch.tensor([[1.0, 2, 3, 4]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([2 + shift])}
+                for _ in imgs]
+
+    monkeypatch.setattr(task.model, "forward", fake)
+    task({"image": images, "targets": targets})
+    assert seen["labels"] == [[0 + shift, 2 + shift], []]
+    assert task.predict(images)[0]["labels"].tolist() == [2]
+    assert targets[0]["labels"].tolist() == [0, 2]  # the caller's targets are not changed
+
+
+def test_backbone_gets_the_lower_learning_rate_group():
+    task = build_task("detection", create_backbone("test_resnet", num_classes=2), 2, img_size=96)
+    new = task.new_parameter_names()
+    names = {n for n, _ in task.named_parameters()}
+    assert {n for n in names if n.startswith("model.backbone.body.")}.isdisjoint(new)
+    assert {n for n in names if ".fpn." in n or "roi_heads" in n or "rpn" in n} <= new
+
+
+def test_mask_rcnn_refuses_data_without_masks():
+    task = build_task("detection", create_backbone("test_resnet", num_classes=3), 3, detector="mask_rcnn", img_size=96)
+    images, targets = _batch()
+    with pytest.raises(ValueError, match="masks"):
+        task({"image": images, "targets": targets})
+
+
+def test_options_are_checked_naming_the_flag():
+    opts = TASKS.get("detection").Options
+    with pytest.raises(ValueError, match="--detector"):
+        opts(detector="yolo").check()
+    with pytest.raises(ValueError, match="--scale-jitter"):
+        opts(scale_jitter=1.5).check()
+
+
+# ------------------------------------------------------------------ training through the trainer
+
+
+def make_squares(root: Path, n: int = 8, size: tuple[int, int] = (72, 96), seed: int = 0) -> Path:
+    """A COCO data set of dark images with 1-2 bright squares ("red" or "blue") each, with polygon masks, and one
+    box outside its image and one of zero area."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i in range(n):
+        img = np.full((*size, 3), 20, np.uint8)
+        for _ in range(1 + i % 2):
+            s = int(rng.integers(18, 30))
+            x, y = int(rng.integers(0, size[1] - s)), int(rng.integers(0, size[0] - s))
+            cat = int(rng.integers(1, 3))
+            img[y:y + s, x:x + s] = (230, 40, 40) if cat == 1 else (40, 40, 230)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [x, y, s, s], "area": s * s, "iscrowd": 0,
+                         "segmentation": [[x, y, x + s, y, x + s, y + s, x, y + s]]})
+        Image.fromarray(img).save(root / "images" / f"{i}.jpg", quality=95)
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "height": size[0], "width": size[1]})
+    anns[0]["bbox"] = [anns[0]["bbox"][0], anns[0]["bbox"][1], 500, anns[0]["bbox"][3]]  # reaches outside: clipped
+    anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 0, 5], "area": 0, "iscrowd": 0,
+                 "segmentation": [[10, 10, 10, 10, 10, 15]]})  # zero area: dropped and listed
+    (root / "annotations").mkdir()
+    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]}
+    for split in ("train", "test"):
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+    return root
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    return make_squares(tmp_path_factory.mktemp("squares"))
+
+
+def _cfg(data, out, **kw):
+    from finegrain.detect.train import DetectConfig
+
+    base = dict(data=str(data), backbone="test_resnet", pretrained="none", img_size=64, epochs=2, batch_size=2, val_fraction=0.2,
+                workers=0, device="cpu", out=str(out), amp=False)
+    return DetectConfig(**{**base, **kw})
+
+
+def test_fit_detection_writes_self_describing_checkpoints_and_lists_dropped_boxes(squares, tmp_path):
+    from finegrain.checkpoint import load_task
+    from finegrain.detect.train import fit_detection
+
+    r = fit_detection(_cfg(squares, tmp_path / "run", epochs=1), {"detector": "fcos"})
+    run = Path(r["run_dir"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and "val_map" in rows[0] and rows[0]["train_acc"] is None
+    dropped = (run / "dropped_boxes.txt").read_text().splitlines()
+    assert len(dropped) == 2 and "zero area" in dropped[1]
+    task, meta = load_task(r["best_checkpoint"])
+    assert meta.task == "detection" and meta.classes == ["red", "blue"] and meta.task_args["detector"] == "fcos"
+    assert meta.detection["labels"] == "species" and meta.detection["train_images"] + meta.detection["val_images"] == 8
+    assert 1 <= meta.detection["val_images"] <= 3
+    x = [torch.rand(3, 96, 128)]
+    assert len(task.predict(x)[0]["boxes"]) >= 0  # rebuilt from the metadata alone
+
+
+def test_resumed_detection_run_matches_an_uninterrupted_one(squares, tmp_path):
+    from safetensors.torch import load_file
+
+    from finegrain.detect.train import fit_detection
+
+    straight = fit_detection(_cfg(squares, tmp_path / "a"), {"detector": "retinanet"})
+    fit_detection(_cfg(squares, tmp_path / "b"), {"detector": "retinanet"}, max_epochs=1)
+    resumed = fit_detection(_cfg(squares, tmp_path / "b"), {"detector": "retinanet"}, resume=True)
+    a, b = load_file(Path(straight["run_dir"]) / "last.safetensors"), load_file(Path(resumed["run_dir"]) / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+@pytest.mark.slow  # Mask R-CNN pastes 100 full-size masks per image on the CPU: about a minute
+def test_mask_rcnn_trains_on_coco_polygons_and_reports_mask_ap(squares, tmp_path):
+    from finegrain.detect.evaluate import evaluate_detection
+    from finegrain.detect.train import fit_detection
+
+    r = fit_detection(_cfg(squares, tmp_path / "m", epochs=1), {"detector": "mask_rcnn"})
+    m = evaluate_detection(r["run_dir"], squares, split="test", workers=0, device="cpu", examples=2)
+    assert "mask_map" in m and "mask_per_class_ap" in m and set(m["per_class_ap"]) == {"red", "blue"}
+    out = Path(m["out_dir"])
+    assert json.loads((out / "results.json").read_text())["objects"] == 12
+    assert (out / "pr_curves.png").stat().st_size > 0 and (out / "examples.png").stat().st_size > 0
+
+
+def test_finegrain_eval_on_a_detector_writes_map(squares, tmp_path, capsys):
+    from finegrain.cli import main
+    from finegrain.detect.train import fit_detection
+
+    r = fit_detection(_cfg(squares, tmp_path / "e", epochs=1), {"detector": "retinanet"})
+    assert main(["eval", r["run_dir"], "--data", str(squares), "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert {"map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100", "per_class_ap", "pr_curves"} <= set(res)
+    out = capsys.readouterr()
+    assert "mAP" in out.out + out.err
+
+
+def test_detect_train_cli_refuses_bad_flags_clearly(squares, tmp_path, capsys):
+    from finegrain.cli import main
+
+    base = ["detect", "train", "--data", str(squares), "--backbone", "test_resnet", "--pretrained", "none", "--out", str(tmp_path / "x")]
+    assert main([*base, "--detector", "yolo"]) == 2
+    assert "--detector must be one of" in "".join(capsys.readouterr())
+    assert main([*base, "--labels", "genus"]) == 2
+    assert "--labels must be one of" in "".join(capsys.readouterr())
+    assert main([*base, "--backbone", "test_vit"]) == 2
+    assert "convolutional" in "".join(capsys.readouterr())
+
+
+def test_detect_predict_cli_matches_the_task_and_tiles(squares, tmp_path, capsys):
+    """`finegrain detect predict` returns the task's own detections (json, csv), draws them, and tiles large images."""
+    from torchvision.transforms.functional import to_tensor
+
+    from finegrain.checkpoint import load_task
+    from finegrain.cli import main
+    from finegrain.detect.train import fit_detection
+
+    r = fit_detection(_cfg(squares, tmp_path / "p", epochs=1, val_fraction=0), {"detector": "fcos"})
+    image = squares / "images" / "1.jpg"
+    argv = ["detect", "predict", r["run_dir"], str(image), "--score-threshold", "0", "--max-objects", "5", "--device", "cpu"]
+    assert main([*argv, "--format", "json", "--draw", str(tmp_path / "drawn")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    task, _ = load_task(r["best_checkpoint"])
+    with Image.open(image) as im:
+        (expected,) = task.predict([to_tensor(im.convert("RGB"))])
+    top = expected["scores"].argsort(descending=True)[:5]
+    got = out[0]["objects"]
+    assert 1 <= len(got) == len(top) and [o["detector_label"] for o in got] == [["red", "blue"][int(l)] for l in expected["labels"][top]]
+    np.testing.assert_allclose([o["box"] for o in got], expected["boxes"][top].numpy(), atol=0.01)
+    assert (tmp_path / "drawn" / "1.png").is_file()
+    assert main([*argv, "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + len(got)  # header + one row per object
+    assert main([*argv, "--format", "json", "--tile", "48", "--tile-overlap", "16"]) == 0
+    assert 1 <= len(json.loads(capsys.readouterr().out)[0]["objects"]) <= 5
+    assert main([*argv, "--tile", "16", "--tile-overlap", "16"]) == 2
+    assert "--tile-overlap" in "".join(capsys.readouterr())

@@ -20,8 +20,18 @@ def machine_name() -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it computes bf16 natively (speed differs a lot between the two)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown")
+    return f"{name}, {'with' if ' avx512_bf16' in text or ' amx_bf16' in text else 'without'} native bf16"
+
+
 def machine_info() -> dict:
-    info = {"machine": machine_name(), "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    info = {"machine": machine_name(), "cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -252,3 +252,43 @@ def test_detect_predict_cli_matches_the_task_and_tiles(squares, tmp_path, capsys
     assert 1 <= len(json.loads(capsys.readouterr().out)[0]["objects"]) <= 5
     assert main([*argv, "--tile", "16", "--tile-overlap", "16"]) == 2
     assert "--tile-overlap" in "".join(capsys.readouterr())
+
+
+def test_torchrun_two_gloo_processes_train_a_detector_like_one(squares, tmp_path):
+    """2 CPU ranks x batch 2 == 1 process x batch 4 on 8 images (RetinaNet averages its loss per image; BatchNorm frozen)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from finegrain.detect.train import fit_detection
+
+    common = ["--data", str(squares), "--backbone", "test_resnet", "--pretrained", "none", "--img-size", "64", "--epochs", "2",
+              "--workers", "0", "--val-fraction", "0", "--device", "cpu", "--no-amp", "--detector", "retinanet", "--scale-jitter", "0",
+              "--optimizer", "sgd", "--lr", "0.01"]  # SGD: AdamW's g / sqrt(v) turns summation-order noise into lr-sized steps
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "finegrain",
+                          "detect", "train", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = fit_detection(_cfg(squares, tmp_path / "single", batch_size=4, optimizer="sgd", lr=0.01, val_fraction=0),
+                           {"detector": "retinanet", "scale_jitter": 0.0})
+    a, b = load_file(Path(single["run_dir"]) / "last.safetensors"), load_file(tmp_path / "ddp" / "last.safetensors")
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["train_loss"] != rows[1]["train_loss"]  # rank 0 alone logs; it trained
+
+
+def test_report_of_a_detector_shows_ap_curves_and_examples(squares, tmp_path, capsys):
+    from finegrain.cli import main
+    from finegrain.detect.train import fit_detection
+
+    r = fit_detection(_cfg(squares, tmp_path / "r", epochs=1), {"detector": "fcos"})
+    assert main(["report", r["run_dir"], "--workers", "0", "--device", "cpu", "--examples", "2"]) == 0  # data: the run's own
+    html = (Path(r["run_dir"]) / "report-test.html").read_text()
+    results = json.loads((Path(r["run_dir"]) / "eval-test" / "results.json").read_text())
+    for text in ("mAP@[.5:.95]", "Precision-recall", "Per-class AP", "red", "blue", "val mAP", "predicted and true boxes"):
+        assert text in html, text
+    assert f"{results['objects']} objects" in html and html.count("data:image/png;base64") >= 3

@@ -23,7 +23,7 @@ REGISTRY_CASES = {  # task -> (backbone, image size or None for the backbone's n
 }
 ELSEWHERE = {"distill": "needs a teacher checkpoint (tests/tasks/test_distill.py)",
              "fewshot_baseline": "episodic (tests/tasks/test_fewshot.py)", "maml": "episodic", "protonet": "episodic",
-             "relationnet": "episodic"}
+             "relationnet": "episodic", "detection": "boxes, not classes (tests/test_detect_task.py: every detector and backbone family)"}
 
 
 def test_registry_cases_cover_every_task():

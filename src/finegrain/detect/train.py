@@ -40,14 +40,19 @@ class DetectConfig:
     img_size: int = _f(512, "short side images are resized to (the long side at most img_size * 1333 / 800)")
     epochs: int = _f(12, "training epochs")
     batch_size: int = _f(4, "images per step")
-    lr: float = _f(2e-4, "AdamW learning rate of the new layers (pyramid and heads)")
+    optimizer: str = _f("adamw", "adamw, or sgd (momentum 0.9, torchvision's detection recipe; use --lr 0.01 or so)")
+    lr: float = _f(2e-4, "learning rate of the new layers (pyramid and heads)")
     backbone_lr_mult: float = _f(0.5, "the backbone's learning rate as a fraction of --lr")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    weight_decay: float = _f(1e-4, "weight decay (not on norms and biases)")
     warmup_epochs: float = _f(0.5, "linear warmup before the cosine decay")
     val_fraction: float = _f(0.1, "fraction of training images held out to pick the best epoch (0: keep the last epoch)")
     split_seed: int = _f(0, "seed of the validation split")
     max_side: int = _f(2048, "images with a longer side are shrunk in the loader (tiled prediction keeps full resolution)")
     amp: bool = _f(True, "bf16 autocast on CUDA, and on CPUs with native bf16")
+    accum_steps: int = _f(1, "batches per optimizer step (gradient accumulation)")
+    clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
+    ema: bool = _f(False, "keep an exponential moving average of the weights; validation and best.safetensors use it")
+    ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
     workers: int = _f(max(1, min(8, (os.cpu_count() or 2) - 1)), "data loading processes")
     seed: int = _f(0, "seed of initialisation, order and augmentation")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -62,9 +67,12 @@ class DetectConfig:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.labels not in LABEL_MODES:
             raise ValueError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
-        for flag, value, low in (("--img-size", self.img_size, 64), ("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1)):
+        for flag, value, low in (("--img-size", self.img_size, 64), ("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--accum-steps", self.accum_steps, 1)):
             if value < low:
                 raise ValueError(f"{flag} must be at least {low}, got {value}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -115,45 +123,70 @@ def fit_detection(cfg: DetectConfig, options: Any = None, *, resume: bool = Fals
     Returns:
         dict with ``run_dir``, ``best_checkpoint``, ``best_val_map``, ``epochs``, ``interrupted`` and ``history``.
     """
-    from finegrain.data.sampler import epoch_batches
     from finegrain.tasks import resolve_options
+    from finegrain.train import distributed as dist_
+
+    cfg.check()
+    options = resolve_options("detection", options)
+    world = dist_.world_from_env()
+    dev = dist_.setup(world, resolve_device(cfg.device))
+    try:
+        return _fit(cfg, options, world, dev, resume=resume, max_epochs=max_epochs)
+    finally:
+        dist_.teardown(world)
+
+
+def _fit(cfg: DetectConfig, options, world, dev, *, resume: bool, max_epochs: int | None) -> dict:
+    from finegrain.data.sampler import epoch_batches
+    from finegrain.train import distributed as dist_
     from finegrain.train.logger import RunLogger
     from finegrain.train.optim import build_optimizer, build_scheduler
     from finegrain.train.trainer import StepConfig, Trainer, TrainSetup, open_job, seed_everything
 
-    cfg.check()
-    options = resolve_options("detection", options)
     run_dir = Path(cfg.out)
-    resumed = open_job(run_dir, {"config": dataclasses.asdict(cfg), "options": dataclasses.asdict(options)} | {"workers": None,
-                                                                                                                "device": None}, resume=resume)
+    job = {"config": {**dataclasses.asdict(cfg), "workers": None, "device": None}, "options": dataclasses.asdict(options)}
+    resumed = open_job(run_dir, job, resume=resume) if world.is_main else resume
+    dist_.barrier(world)
     seed_everything(cfg.seed)
-    dev = resolve_device(cfg.device)
     data = open_split(cfg, "train")
-    _report_data(data, run_dir)
+    if world.is_main:
+        _report_data(data, run_dir)
     masks = options.detector == "mask_rcnn"
     train_idx, val_idx = val_split(data, cfg.val_fraction, cfg.split_seed)
     task, prep = build_detection_task(cfg, options, len(data.classes), pretrained="none" if resumed else cfg.pretrained)
     task = task.to(dev)
     train_ds = DetectionDataset(data.subset(train_idx), train_transform(cfg.max_side), masks=masks)
     batches, epoch_images, seeded = epoch_batches(train_ds, seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers,
-                                                  collate_fn=collate)
-    steps = max(1, len(train_idx) // cfg.batch_size)
-    tc = TrainConfig(optimizer="adamw", backbone_lr_mult=cfg.backbone_lr_mult, weight_decay=cfg.weight_decay)
+                                                  collate_fn=collate, world=world, pin_memory=dev.type == "cuda")
+    steps = max(1, len(train_idx) // (cfg.batch_size * world.size) // cfg.accum_steps)
+    tc = TrainConfig(optimizer=cfg.optimizer, backbone_lr_mult=cfg.backbone_lr_mult, weight_decay=cfg.weight_decay)
     opt = build_optimizer(task, tc, lr=cfg.lr)
     sched = build_scheduler(opt, total_steps=cfg.epochs * steps, warmup_steps=int(cfg.warmup_epochs * steps))
     validate = None
     if val_idx:
         val_ds = DetectionDataset(data.subset(val_idx), eval_transform(cfg.max_side), masks=masks)
         validate = functools.partial(_validate, dataset=val_ds, classes=data.classes, masks=masks, device=dev, workers=cfg.workers)
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(task, decay=cfg.ema_decay)
+    forward = task
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(task, device_ids=[dev.index] if dev.type == "cuda" else None)
     setup = TrainSetup(module=task, optimizer=opt, scheduler=sched, batches=batches, epoch_images=epoch_images, validate=validate,
-                       metric=task.selection_metric, step=StepConfig(amp=cfg.amp),
+                       metric=task.selection_metric, forward=forward, ema=ema,
+                       step=StepConfig(amp=cfg.amp, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad),
                        on_epoch_start=lambda epoch: setattr(seeded, "epoch", epoch))
     model_cfg = ModelConfig(backbone=cfg.backbone, pretrained=cfg.pretrained, task="detection", options=options)
     meta = ckpt.describe(task, model=dataclasses.asdict(model_cfg), classes=data.classes, preprocessing=prep,
                          config={"detect": dataclasses.asdict(cfg)},
                          detection={"labels": cfg.labels, "format": cfg.format, "masks": masks, "train_images": len(train_idx),
                                     "val_images": len(val_idx)})
-    trainer = Trainer(run_dir, epochs=cfg.epochs, meta=meta, device=dev, seed=cfg.seed, logger=RunLogger(run_dir))
+    trainer = Trainer(run_dir, epochs=cfg.epochs, meta=meta, device=dev, seed=cfg.seed, world=world,
+                      logger=RunLogger(run_dir) if world.is_main else None)
     r = trainer.run(setup, resume=resumed, max_epochs=max_epochs)
     return {"run_dir": str(run_dir), "best_checkpoint": str(r.best_checkpoint), "best_val_map": r.best_metric,
             "epochs": r.epochs_run, "interrupted": r.interrupted, "history": r.history}

@@ -120,6 +120,14 @@ def build_report(
     t0 = time.perf_counter()
     ckpt_path = resolve_checkpoint(run_dir)
     run_dir = ckpt_path.parent
+    detect_cfg = _detector_config(ckpt_path)
+    if detect_cfg is not None:  # box and mask AP, PR curves and examples instead
+        from finegrain.report.detection import build_detection_report
+
+        if split == "val":
+            raise ValueError("a detector's report evaluates the train or test split (its validation images are not listed apart)")
+        return build_detection_report(ckpt_path, data=data or detect_cfg.get("data"), split=split, dataset=dataset, out=out,
+                                      n_examples=n_examples, workers=workers, device=device)
     config = _read_config(run_dir)
     data = data or config.get("data", {}).get("data")
     if not data:
@@ -158,6 +166,15 @@ def build_report(
 
 
 # ---------------------------------------------------------------- data and the one evaluation pass
+
+
+def _detector_config(ckpt_path: Path) -> dict | None:
+    """The ``detect`` config of a detector checkpoint, or None for any other task."""
+    from finegrain.checkpoint import read_meta
+    from finegrain.tasks import TASKS
+
+    meta = read_meta(ckpt_path)
+    return (meta.config or {}).get("detect", {}) if TASKS.get(meta.task).outputs == "detections" else None
 
 
 def _read_config(run_dir: Path) -> dict:
@@ -245,9 +262,10 @@ def _curves(run_dir: Path, meta: dict) -> str:
         return f'<p class="note">{esc(str(path))} is empty.</p>'
     png = plots.training_curves(rows, best_epoch=meta.get("epoch"))
     cols = [("train_loss", "train loss", "{:.4f}"), ("train_acc", "train acc %", "{:.2f}"), ("val_loss", "val loss", "{:.4f}"),
-            ("val_top1", "val top-1 %", "{:.2f}"), ("lr", "lr", "{:.3g}"), ("images_per_s", "img/s", "{:.1f}"),
+            ("val_top1", "val top-1 %", "{:.2f}"), ("val_map", "val mAP", "{:.2f}"), ("val_mask_map", "val mask mAP", "{:.2f}"),
+            ("lr", "lr", "{:.3g}"), ("images_per_s", "img/s", "{:.1f}"),
             ("epoch_seconds", "seconds", "{:.0f}")]
-    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    cols = [c for c in cols if any(isinstance(r.get(c[0]), (int, float)) for r in rows)]
     body = [[r["epoch"]] + [fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "" for k, _, fmt in cols] for r in rows]
     tbl = table(["epoch"] + [c[1] for c in cols], body, numeric=[True] * (len(cols) + 1))
     note = ('<p class="note">Train accuracy is measured on augmented (and possibly mixed) batches while the weights '

@@ -9,6 +9,10 @@ The public API::
     metrics = evaluate(run.best_checkpoint, "path/to/images", split="test")
     Predictor.from_checkpoint(run.best_checkpoint).predict(["bird.jpg"], topk=5)
 
+    det = fit_detection(DetectConfig(data="instances_train.json", backbone="resnet50"), {"detector": "faster_rcnn"})
+    evaluate(det["best_checkpoint"], "instances_test.json")          # COCO box (and mask) AP
+    DetectThenClassify.from_checkpoints(det["run_dir"], run.best_checkpoint).predict(["feeder.jpg"])
+
 ``import finegrain`` fills the registries (every task in ``TASKS``, every reader in
 ``DATASETS``); the training, evaluation and inference entry points are imported when first used.
 """
@@ -25,7 +29,8 @@ _LAZY = {
     "CheckpointMeta": "finegrain.checkpoint", "load_task": "finegrain.checkpoint", "read_meta": "finegrain.checkpoint",
     "create_backbone": "finegrain.models.backbone", "evaluate": "finegrain.eval.evaluate",
     "classification_metrics": "finegrain.eval.metrics", "Predictor": "finegrain.predict", "RunResult": "finegrain.train.run",
-    "fit": "finegrain.train.run",
+    "fit": "finegrain.train.run", "DetectConfig": "finegrain.detect.train", "fit_detection": "finegrain.detect.train",
+    "DetectThenClassify": "finegrain.detect.pipeline",
 }
 
 
@@ -42,7 +47,7 @@ def __dir__():
 
 
 __all__ = [
-    "DATASETS", "TASKS", "CheckpointMeta", "DataConfig", "ImageList", "ModelConfig", "Predictor", "RunConfig", "RunResult",
+    "DATASETS", "TASKS", "CheckpointMeta", "DataConfig", "DetectConfig", "DetectThenClassify", "ImageList", "ModelConfig", "Predictor", "RunConfig", "RunResult",
     "Task", "TrainConfig", "classification_metrics", "create_backbone", "evaluate", "fit", "load_task", "open_dataset",
-    "read_meta",
+    "fit_detection", "read_meta",
 ]

@@ -158,10 +158,17 @@ def build_report(
     title = f"finegrain report: {run_dir.name}"
     subtitle = (f"checkpoint <code>{esc(str(ckpt_path))}</code> evaluated on the <b>{esc(split_text)}</b> of "
                 f"<code>{esc(str(data))}</code> ({metrics['n']} images) on {time.strftime('%Y-%m-%d %H:%M')}")
-    out = Path(out) if out else run_dir / f"report-{split}.html"
+    return write_page(Path(out) if out else run_dir / f"report-{split}.html", title, subtitle, sections, started=t0)
+
+
+def write_page(out: Path, title: str, subtitle: str, sections, *, started: float) -> Path:
+    """Write the report page atomically and say where it is, how big and how long it took."""
+    from finegrain.checkpoint import atomic_write
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page(title, subtitle, sections), encoding="utf-8")
-    console.print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.0f} s)")
+    html = page(title, subtitle, sections)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
+    console.print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s)")
     return out
 
 

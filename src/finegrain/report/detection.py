@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from finegrain.report.html import esc, img_tag, page, table
-from finegrain.utils import console
+from finegrain.report.html import esc, img_tag, table
 
 _KEYS = (("map", "mAP@[.5:.95]"), ("map_50", "AP50"), ("map_75", "AP75"), ("map_small", "AP small"), ("map_medium", "AP medium"),
          ("map_large", "AP large"), ("mar_100", "AR@100"))
@@ -21,7 +20,7 @@ def build_detection_report(ckpt_path: Path, *, data: str | Path, split: str, dat
                            n_examples: int, workers: int, device: str) -> Path:
     """Evaluate a detector checkpoint on ``split`` of ``data`` and write its report (``report-<split>.html`` by default)."""
     from finegrain.detect.evaluate import evaluate_detection
-    from finegrain.report.build import _config, _curves, _read_config
+    from finegrain.report.build import _config, _curves, _read_config, write_page
 
     run_dir = ckpt_path.parent
     t0 = time.perf_counter()
@@ -44,11 +43,7 @@ def build_detection_report(ckpt_path: Path, *, data: str | Path, split: str, dat
     title = f"finegrain detection report: {run_dir.name}"
     subtitle = (f"checkpoint <code>{esc(str(ckpt_path))}</code> on the <b>{esc(split)}</b> split of <code>{esc(str(data))}</code> "
                 f"({m['images']} images, {m['objects']} objects) on {time.strftime('%Y-%m-%d %H:%M')}")
-    out = Path(out) if out else run_dir / f"report-{split}.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page(title, subtitle, sections), encoding="utf-8")
-    console.print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.0f} s)")
-    return out
+    return write_page(Path(out) if out else run_dir / f"report-{split}.html", title, subtitle, sections, started=t0)
 
 
 def _summary(m: dict, meta) -> str:

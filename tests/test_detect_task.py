@@ -304,3 +304,47 @@ def test_report_of_a_detector_shows_ap_curves_and_examples(squares, tmp_path, ca
     for text in ("mAP@[.5:.95]", "Precision-recall", "Per-class AP", "red", "blue", "val mAP", "predicted and true boxes"):
         assert text in html, text
     assert f"{results['objects']} objects" in html and html.count("data:image/png;base64") >= 3
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
+                                  "maskrcnn_resnet50_fpn"])
+def test_torchvision_detectors_start_from_coco_with_new_class_layers(name, monkeypatch):
+    """--tv-detector NAME --coco: torchvision's COCO weights are asked for, the class layers are replaced for our classes, and
+    the checkpoint rebuilds without downloading."""
+    import torchvision.models
+
+    from finegrain.tasks.detection import TORCHVISION_DETECTORS
+
+    asked, real = [], torchvision.models.get_model
+
+    def offline(model_name, weights=None, **kw):  # no download here: the architecture with random weights, as COCO's would be
+        asked.append(weights)
+        return real(model_name, weights=None, **({"num_classes": 91} if weights else {}), **kw)
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    task = build_task("detection", create_backbone("test_resnet", num_classes=3), 3, tv_detector=name, coco=True, img_size=64)
+    family = TORCHVISION_DETECTORS[name]
+    assert asked == ["DEFAULT"] and task.task_args()["coco"] is False and task.task_args()["detector"] == family
+    outputs = {"faster_rcnn": lambda m: m.roi_heads.box_predictor.cls_score.out_features, "mask_rcnn":
+               lambda m: m.roi_heads.mask_predictor.mask_fcn_logits.out_channels,
+               "retinanet": lambda m: m.head.classification_head.num_classes, "fcos": lambda m: m.head.classification_head.num_classes}
+    assert outputs[family](task.model) == (4 if family in ("faster_rcnn", "mask_rcnn") else 3)
+    new = task.new_parameter_names()
+    assert new and all(".box_predictor." in n or ".mask_predictor." in n or ".classification_head." in n for n in new)
+    images, targets = _batch(masks=family == "mask_rcnn")
+    task.train()
+    assert torch.isfinite(task({"image": images, "targets": targets})["loss"])
+    rebuilt = build_task("detection", create_backbone("test_resnet", num_classes=3), 3, **task.task_args())
+    rebuilt.load_state_dict(task.state_dict())  # same architecture, from the arguments a checkpoint keeps
+    assert asked == ["DEFAULT", None]
+
+
+def test_tv_detector_options_are_checked():
+    opts = TASKS.get("detection").Options
+    with pytest.raises(ValueError, match="--tv-detector must be one of"):
+        opts(tv_detector="yolov8").check()
+    with pytest.raises(ValueError, match="--tv-detector"):
+        opts(coco=True).check()
+    o = opts(tv_detector="fcos_resnet50_fpn")
+    o.check()
+    assert o.detector == "fcos"

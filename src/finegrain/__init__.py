@@ -47,7 +47,8 @@ def __dir__():
 
 
 __all__ = [
-    "DATASETS", "TASKS", "CheckpointMeta", "DataConfig", "DetectConfig", "DetectThenClassify", "ImageList", "ModelConfig", "Predictor", "RunConfig", "RunResult",
+    "DATASETS", "TASKS", "CheckpointMeta", "DataConfig", "DetectConfig", "DetectThenClassify",
+    "ImageList", "ModelConfig", "Predictor", "RunConfig", "RunResult",
     "Task", "TrainConfig", "classification_metrics", "create_backbone", "evaluate", "fit", "load_task", "open_dataset",
     "fit_detection", "read_meta",
 ]

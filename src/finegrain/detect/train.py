@@ -102,8 +102,10 @@ def build_detection_task(cfg: DetectConfig, options, num_classes: int, *, pretra
     from finegrain.models.backbone import create_backbone, data_config
     from finegrain.tasks import BuildContext, build_task
 
+    if options.tv_detector:  # torchvision's own backbone: the timm model is not used, so it loads no weights
+        pretrained = "none"
     model = create_backbone(cfg.backbone, num_classes=num_classes, pretrained=pretrained)
-    dc = data_config(model)
+    dc = data_config(model) if not options.tv_detector else {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     prep = {"img_size": cfg.img_size, "mean": list(dc["mean"]), "std": list(dc["std"]), "crop_pct": 1.0, "interpolation": "bilinear"}
     from finegrain.tasks.detection import DetectionTask
 

@@ -8,6 +8,10 @@ Pyramid Networks for Object Detection", arXiv:1612.03144) into one of torchvisio
 - ``fcos``: one-stage and anchor-free (Tian et al. 2019, arXiv:1904.01355);
 - ``mask_rcnn``: Faster R-CNN with a mask head, for instance masks (He et al. 2017, arXiv:1703.06870).
 
+With ``tv_detector`` the task is one of torchvision's own detectors instead (ResNet-50 or
+MobileNetV3 backbones with their pyramids), and with ``coco`` it starts from torchvision's
+COCO-trained weights, whose class layers are replaced for the data set's classes.
+
 Labels in finegrain are ``0..C-1``; torchvision's R-CNN detectors reserve 0 for the background, so
 for them the task adds one on the way in and removes it on the way out (RetinaNet and FCOS have
 no background class and take the labels as they are). The detector resizes and normalises
@@ -97,6 +101,56 @@ def build_detector(model: nn.Module, num_classes: int, *, detector: str, fpn_cha
     return cls(backbone, num_classes=num_classes + 1 if two_stage else num_classes, **common)
 
 
+TORCHVISION_DETECTORS = {  # torchvision's own detectors with COCO weights: name -> the --detector family it belongs to
+    "fasterrcnn_resnet50_fpn": "faster_rcnn", "fasterrcnn_resnet50_fpn_v2": "faster_rcnn",
+    "fasterrcnn_mobilenet_v3_large_fpn": "faster_rcnn", "fasterrcnn_mobilenet_v3_large_320_fpn": "faster_rcnn",
+    "retinanet_resnet50_fpn": "retinanet", "retinanet_resnet50_fpn_v2": "retinanet", "fcos_resnet50_fpn": "fcos",
+    "maskrcnn_resnet50_fpn": "mask_rcnn", "maskrcnn_resnet50_fpn_v2": "mask_rcnn",
+}
+
+
+def build_torchvision_detector(name: str, num_classes: int, *, coco: bool, min_size: tuple[int, ...], max_size: int,
+                               mean, std) -> nn.Module:
+    """torchvision's detector ``name`` (its own backbone and pyramid) for ``num_classes``; with ``coco`` from its COCO
+    weights (downloaded), whose class layers are replaced by new ones for these classes."""
+    from torchvision.models import get_model
+
+    if name not in TORCHVISION_DETECTORS:
+        raise ValueError(f"--tv-detector must be one of {', '.join(TORCHVISION_DETECTORS)}, got {name!r}")
+    family = TORCHVISION_DETECTORS[name]
+    n_out = num_classes + 1 if family in ("faster_rcnn", "mask_rcnn") else num_classes
+    common = {"min_size": min_size, "max_size": max_size, "image_mean": list(mean), "image_std": list(std), "weights_backbone": None}
+    if not coco:
+        return get_model(name, weights=None, num_classes=n_out, **common)
+    model = get_model(name, weights="DEFAULT", **common)
+    _new_class_layers(model, family, n_out)
+    return model
+
+
+def _new_class_layers(model: nn.Module, family: str, n_out: int) -> None:
+    """Swap a COCO-trained detector's class-specific layers for fresh ones with ``n_out`` outputs."""
+    if family in ("faster_rcnn", "mask_rcnn"):
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+        model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, n_out)
+        if family == "mask_rcnn":
+            from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+            old = model.roi_heads.mask_predictor
+            model.roi_heads.mask_predictor = MaskRCNNPredictor(old.conv5_mask.in_channels, old.conv5_mask.out_channels, n_out)
+        return
+    head = model.head.classification_head
+    anchors = model.anchor_generator.num_anchors_per_location()[0]
+    if family == "retinanet":
+        from torchvision.models.detection.retinanet import RetinaNetClassificationHead
+
+        model.head.classification_head = RetinaNetClassificationHead(head.cls_logits.in_channels, anchors, n_out)
+    else:
+        from torchvision.models.detection.fcos import FCOSClassificationHead
+
+        model.head.classification_head = FCOSClassificationHead(head.cls_logits.in_channels, anchors, n_out)
+
+
 @TASKS.register("detection")
 class DetectionTask(Task):
     """Find the objects of an image: boxes, scores, labels (and masks with ``mask_rcnn``).
@@ -123,6 +177,9 @@ class DetectionTask(Task):
         fpn_channels: int = option(128, "width of the feature pyramid and the detection heads (torchvision uses 256)")
         scale_jitter: float = option(0.25, "training draws each image's short side from img_size * [1 - j, 1 + j]")
         freeze_bn: bool = option(True, "freeze the backbone's BatchNorm (detection batches are too small for its statistics)")
+        tv_detector: str = option("", "use torchvision's own detector of this name (its backbone, not --backbone): "
+                                  f"{', '.join(TORCHVISION_DETECTORS)}")
+        coco: bool = option(False, "with --tv-detector: start from torchvision's COCO-trained weights (downloaded, needs internet)")
 
         def check(self) -> None:
             if self.detector not in DETECTORS:
@@ -131,25 +188,39 @@ class DetectionTask(Task):
                 raise ValueError(f"--scale-jitter must be in [0, 1), got {self.scale_jitter}")
             if self.fpn_channels < 8:
                 raise ValueError(f"--fpn-channels must be at least 8, got {self.fpn_channels}")
+            if self.tv_detector and self.tv_detector not in TORCHVISION_DETECTORS:
+                raise ValueError(f"--tv-detector must be one of {', '.join(TORCHVISION_DETECTORS)}, got {self.tv_detector!r}")
+            if self.tv_detector and TORCHVISION_DETECTORS[self.tv_detector] != self.detector:
+                self.detector = TORCHVISION_DETECTORS[self.tv_detector]  # the family follows the named detector
+            if self.coco and not self.tv_detector:
+                raise ValueError("--coco starts from torchvision's COCO-trained detectors: name one with --tv-detector")
 
     def __init__(self, model: nn.Module, num_classes: int, *, detector: str = "faster_rcnn", fpn_channels: int = 128,
-                 img_size: int = 512, scale_jitter: float = 0.25, freeze_bn: bool = True,
+                 img_size: int = 512, scale_jitter: float = 0.25, freeze_bn: bool = True, tv_detector: str = "", coco: bool = False,
                  mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225)):
+        if tv_detector:
+            detector = TORCHVISION_DETECTORS.get(tv_detector, detector)
+        # coco is a starting point: a checkpoint holds the trained weights, so rebuilding it downloads nothing
         self._args = {"detector": detector, "fpn_channels": fpn_channels, "img_size": img_size, "scale_jitter": scale_jitter,
-                      "freeze_bn": freeze_bn, "mean": list(mean), "std": list(std)}
+                      "freeze_bn": freeze_bn, "tv_detector": tv_detector, "coco": False, "mean": list(mean), "std": list(std)}
         sizes = sorted({int(round(img_size * (1 + f * scale_jitter) / 32) * 32) for f in (-1, -0.5, 0, 0.5, 1)} - {0})
         min_size = (*sizes, img_size)  # torchvision draws from all in training and uses the last one in eval
-        detector_module = build_detector(model, num_classes, detector=detector, fpn_channels=fpn_channels, min_size=min_size,
-                                         max_size=int(round(img_size * 1333 / 800)), mean=mean, std=std, freeze_bn=freeze_bn)
+        size = {"min_size": min_size, "max_size": int(round(img_size * 1333 / 800)), "mean": mean, "std": std}
+        if tv_detector:  # torchvision's own backbone: ``model`` (the timm one) is not used
+            detector_module = build_torchvision_detector(tv_detector, num_classes, coco=coco, **size)
+        else:
+            detector_module = build_detector(model, num_classes, detector=detector, fpn_channels=fpn_channels, freeze_bn=freeze_bn,
+                                             **size)
         super().__init__(detector_module, num_classes)
         self.masks = detector == "mask_rcnn"
         self.label_offset = 1 if detector in ("faster_rcnn", "mask_rcnn") else 0  # torchvision's label of class 0
+        self.coco_start = bool(tv_detector and coco)
 
     @classmethod
     def build_args(cls, options: TaskOptions, context: BuildContext) -> dict[str, Any]:
         prep = context.preprocessing or {}
         args = {"detector": options.detector, "fpn_channels": options.fpn_channels, "scale_jitter": options.scale_jitter,
-                "freeze_bn": options.freeze_bn}
+                "freeze_bn": options.freeze_bn, "tv_detector": options.tv_detector, "coco": options.coco}
         if prep:
             args.update(img_size=int(prep["img_size"]), mean=tuple(prep["mean"]), std=tuple(prep["std"]))
         return args
@@ -180,5 +251,9 @@ class DetectionTask(Task):
         return [{**o, "labels": o["labels"] - self.label_offset} for o in out]
 
     def new_parameter_names(self) -> set[str]:
-        """Everything but the backbone starts untrained: the pyramid, the proposal network and the heads."""
+        """Everything but the backbone starts untrained: the pyramid, the proposal network and the heads (all of a COCO
+        detector's layers but its class layers are pretrained, and get the backbone's rate too)."""
+        if self.coco_start:
+            new = ("model.roi_heads.box_predictor.", "model.roi_heads.mask_predictor.", "model.head.classification_head.")
+            return {n for n, _ in self.named_parameters() if n.startswith(new)}
         return {n for n, _ in self.named_parameters() if not n.startswith("model.backbone.body.")}

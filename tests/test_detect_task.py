@@ -348,3 +348,19 @@ def test_tv_detector_options_are_checked():
     o = opts(tv_detector="fcos_resnet50_fpn")
     o.check()
     assert o.detector == "fcos"
+
+
+def test_loader_shrinks_only_images_larger_than_max_side(squares):
+    """max_side bounds a huge photo (boxes and masks follow it) and leaves smaller images as they are."""
+    from finegrain.detect.dataset import DetectionDataset
+    from finegrain.detect.readers import open_detection
+
+    data = open_detection(squares, "train")
+    plain = DetectionDataset(data, masks=True, max_side=2048)[2]
+    assert plain["image"].shape[1:] == (72, 96)  # not enlarged
+    torch.testing.assert_close(plain["target"]["boxes"], torch.from_numpy(data.boxes[2]))
+    small = DetectionDataset(data, masks=True, max_side=48)[2]
+    assert small["image"].shape[1:] == (36, 48)
+    torch.testing.assert_close(small["target"]["boxes"], torch.from_numpy(data.boxes[2]) / 2)
+    assert small["target"]["masks"].shape[1:] == (36, 48)
+    assert int(small["target"]["masks"].sum()) == pytest.approx(int(plain["target"]["masks"].sum()) / 4, rel=0.1)

@@ -157,7 +157,7 @@ def _fit(cfg: DetectConfig, options, world, dev, *, resume: bool, max_epochs: in
     train_idx, val_idx = val_split(data, cfg.val_fraction, cfg.split_seed)
     task, prep = build_detection_task(cfg, options, len(data.classes), pretrained="none" if resumed else cfg.pretrained)
     task = task.to(dev)
-    train_ds = DetectionDataset(data.subset(train_idx), train_transform(cfg.max_side), masks=masks)
+    train_ds = DetectionDataset(data.subset(train_idx), train_transform(), masks=masks, max_side=cfg.max_side)
     batches, epoch_images, seeded = epoch_batches(train_ds, seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers,
                                                   collate_fn=collate, world=world, pin_memory=dev.type == "cuda")
     steps = max(1, len(train_idx) // (cfg.batch_size * world.size) // cfg.accum_steps)
@@ -166,7 +166,7 @@ def _fit(cfg: DetectConfig, options, world, dev, *, resume: bool, max_epochs: in
     sched = build_scheduler(opt, total_steps=cfg.epochs * steps, warmup_steps=int(cfg.warmup_epochs * steps))
     validate = None
     if val_idx:
-        val_ds = DetectionDataset(data.subset(val_idx), eval_transform(cfg.max_side), masks=masks)
+        val_ds = DetectionDataset(data.subset(val_idx), eval_transform(), masks=masks, max_side=cfg.max_side)
         validate = functools.partial(_validate, dataset=val_ds, classes=data.classes, masks=masks, device=dev, workers=cfg.workers)
     ema = None
     if cfg.ema:

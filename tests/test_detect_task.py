@@ -364,3 +364,14 @@ def test_loader_shrinks_only_images_larger_than_max_side(squares):
     torch.testing.assert_close(small["target"]["boxes"], torch.from_numpy(data.boxes[2]) / 2)
     assert small["target"]["masks"].shape[1:] == (36, 48)
     assert int(small["target"]["masks"].sum()) == pytest.approx(int(plain["target"]["masks"].sum()) / 4, rel=0.1)
+
+
+def test_finegrain_train_sends_a_detector_to_detect_train(tmp_path, capsys):
+    from finegrain.cli import main
+
+    from .helpers import make_cub_with_parts
+
+    data = make_cub_with_parts(tmp_path / "cub", n_train=2, n_test=1, size=48)
+    assert main(["train", "--data", str(data), "--task", "detection", "--backbone", "test_resnet", "--pretrained", "none",
+                 "--out", str(tmp_path / "runs")]) == 2
+    assert "finegrain detect train" in "".join(capsys.readouterr())

@@ -64,6 +64,8 @@ class Plan:
 def make_plan(cfg: RunConfig, world: World, device: torch.device) -> Plan:
     """Resolve ``cfg`` (already checked) for this process."""
     task_cls = TASKS.get(cfg.model.task)
+    if task_cls.trainer == "detection":
+        raise ValueError(f"--task {cfg.model.task} is a detector: train it with `finegrain detect train --data ANNOTATIONS`")
     if task_cls.trainer != "supervised":
         raise ValueError(f"--task {cfg.model.task} is a few-shot method: train it with "
                          f"`finegrain fewshot train --method {getattr(task_cls, 'method', cfg.model.task)}`")

@@ -103,6 +103,185 @@ def _open_splits(data, dataset):
     return splits
 
 
+def _entries(splits: dict) -> list[dict]:
+    """One record per (split, image), with its path, split, label, hashes and size (or read error)."""
+    entries: list[dict] = []
+    for split, images in splits.items():
+        for p, l in zip(images.paths, images.labels):
+            entries.append({"path": p, "split": split, "label": images.classes[l]})
+    from finegrain.utils import progress_bar
+
+    with progress_bar("check images", total=len(entries)) as bar:
+        for e in entries:
+            e.update(_inspect(e["path"]))
+            bar.advance(1)
+    return entries
+
+
+def _is_tiny(size: list[int], min_side: int) -> bool:
+    """Whether an image of ``size`` has a side shorter than ``min_side``."""
+    return min(size) < min_side
+
+
+def _is_extreme(size: list[int], max_aspect: float) -> bool:
+    """Whether an image of ``size`` has a long/short side ratio above ``max_aspect``."""
+    return max(size) / max(1, min(size)) > max_aspect
+
+
+def _unreadable(entries: list[dict]) -> list[dict]:
+    """The files that failed to decode, with their error."""
+    return [{"path": e["path"], "split": e["split"], "error": e["error"]} for e in entries if "error" in e]
+
+
+def _tiny(entries: list[dict], min_side: int) -> list[dict]:
+    """The readable images with a side shorter than ``min_side``."""
+    return [{"path": e["path"], "split": e["split"], "size": e["size"]} for e in entries
+            if "size" in e and _is_tiny(e["size"], min_side)]
+
+
+def _extreme_aspect(entries: list[dict], max_aspect: float) -> list[dict]:
+    """The readable images whose long/short side ratio exceeds ``max_aspect``."""
+    return [{"path": e["path"], "split": e["split"], "size": e["size"]} for e in entries
+            if "size" in e and _is_extreme(e["size"], max_aspect)]
+
+
+def _exact_duplicates(entries: list[dict]) -> list[list[int]]:
+    """Groups of entry indices whose files have the same bytes (sha256)."""
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(entries):
+        by_sha[e["sha256"]].append(i)
+    return [g for g in by_sha.values() if len(g) > 1]
+
+
+def _near_duplicates(entries: list[dict], hash_threshold: int) -> list[tuple[int, int, int, int]]:
+    """Pairs ``(a, b, dhash distance, phash distance)`` of readable files with different bytes and both hashes close."""
+    ok = [i for i, e in enumerate(entries) if "dhash" in e]
+    near_pairs: list[tuple[int, int, int, int]] = []
+    if len(ok) > 1:
+        d_all = np.stack([entries[i]["dhash"] for i in ok])
+        p_all = np.stack([entries[i]["phash"] for i in ok])
+        chunk = 1024  # bounds the [chunk, N] distance matrices
+        for s in range(0, len(ok), chunk):
+            dd = hamming_matrix(d_all[s:s + chunk], d_all)
+            pd = hamming_matrix(p_all[s:s + chunk], p_all)
+            rows, cols = np.nonzero((dd <= hash_threshold) & (pd <= hash_threshold))
+            for r, c in zip(rows.tolist(), cols.tolist()):
+                a, b = ok[s + r], ok[c]
+                if a < b and entries[a]["sha256"] != entries[b]["sha256"]:
+                    near_pairs.append((a, b, int(dd[r, c]), int(pd[r, c])))
+    return near_pairs
+
+
+def _duplicate_groups(n: int, exact_groups: list[list[int]], near_pairs: list[tuple[int, int, int, int]]) -> list[list[int]]:
+    """Connected groups (sorted indices) of exact and near duplicates among ``n`` entries."""
+    uf = _UnionFind(n)
+    for g in exact_groups:
+        for j in g[1:]:
+            uf.union(g[0], j)
+    for a, b, _, _ in near_pairs:
+        uf.union(a, b)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(n):
+        groups[uf.find(i)].append(i)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def _describe(entries: list[dict], i: int) -> dict:
+    """Path, split and label of entry ``i``."""
+    return {"path": entries[i]["path"], "split": entries[i]["split"], "label": entries[i]["label"]}
+
+
+def _mixed_groups(entries: list[dict], dup_groups: list[list[int]], key: str) -> list[list[dict]]:
+    """The duplicate groups whose members differ in ``key`` ("split": leaks, "label": label conflicts), described."""
+    return [[_describe(entries, i) for i in g] for g in dup_groups if len({entries[i][key] for i in g}) > 1]
+
+
+def _class_balance(splits: dict) -> tuple[dict[str, dict[str, int]], dict[str, float | None], dict[str, list[str]]]:
+    """Per split: the image count of each class, the max/min ratio of non-empty classes, and the empty classes."""
+    class_counts: dict[str, dict[str, int]] = {}
+    imbalance: dict[str, float | None] = {}
+    for split, images in splits.items():
+        counts = dict(zip(images.classes, images.class_counts()))
+        class_counts[split] = counts
+        nonzero = [c for c in counts.values() if c > 0]
+        imbalance[split] = (max(nonzero) / min(nonzero)) if nonzero else None
+    empty_classes = {s: [c for c, n in cc.items() if n == 0] for s, cc in class_counts.items()}
+    return class_counts, imbalance, empty_classes
+
+
+def _flag_for_removal(entries: list[dict], dup_groups: list[list[int]], min_side: int, max_aspect: float) -> dict[int, str]:
+    """The entries to leave out of a clean split, each with its reason."""
+    drop: dict[int, str] = {}
+    for i, e in enumerate(entries):
+        if "error" in e:
+            drop[i] = "unreadable"
+        elif _is_tiny(e["size"], min_side):
+            drop[i] = "tiny"
+        elif _is_extreme(e["size"], max_aspect):
+            drop[i] = "extreme aspect"
+    for g in dup_groups:
+        train = [i for i in g if entries[i]["split"] == "train"]
+        keep = train[0] if train else g[0]  # a leaked test image goes; its train copy stays
+        for i in g:
+            if i != keep:
+                drop.setdefault(i, "test copy of a train image" if entries[i]["split"] == "test" and train else "duplicate")
+    return drop
+
+
+def _report(data, settings: dict, splits: dict, entries: list[dict], *, unreadable: list[dict], tiny: list[dict],
+            extreme: list[dict], exact_groups: list[list[int]], near_pairs: list[tuple[int, int, int, int]],
+            leaks: list[list[dict]], label_conflicts: list[list[dict]], balance: tuple, drop: dict[int, str]) -> dict:
+    """Assemble the report dict (summary first, then each check's findings) from the checks' results."""
+    class_counts, imbalance, empty_classes = balance
+    return {
+        "data": str(data),
+        "settings": settings,
+        "summary": {
+            "images": len(entries), "splits": {s: len(v) for s, v in splits.items()},
+            "unreadable": len(unreadable), "exact_duplicate_groups": len(exact_groups),
+            "near_duplicate_pairs": len(near_pairs), "leak_groups": len(leaks),
+            "label_conflict_groups": len(label_conflicts), "tiny": len(tiny), "extreme_aspect": len(extreme),
+            "imbalance": imbalance, "flagged_for_removal": len(drop),
+        },
+        "unreadable": unreadable,
+        "exact_duplicates": [[_describe(entries, i) for i in g] for g in exact_groups],
+        "near_duplicates": [{"a": _describe(entries, a), "b": _describe(entries, b), "dhash_distance": dd, "phash_distance": pd}
+                            for a, b, dd, pd in near_pairs],
+        "leaks": leaks,
+        "label_conflicts": label_conflicts,
+        "tiny": tiny,
+        "extreme_aspect": extreme,
+        "class_counts": class_counts,
+        "empty_classes": empty_classes,
+        "imbalance": imbalance,
+        "removed_from_clean_split": [dict(_describe(entries, i), reason=r) for i, r in sorted(drop.items())],
+    }
+
+
+def _write_clean_split(clean_split: str | Path, entries: list[dict], drop: dict[int, str]) -> str:
+    """Write the ``path,label,split`` CSV of the entries not in ``drop``; returns its resolved path."""
+    dest = Path(clean_split).resolve()
+    if str(dest) in {e["path"] for e in entries}:
+        raise ValueError(f"--write-clean-split {dest} is one of the images; choose a new .csv path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for i, e in enumerate(entries):
+            if i not in drop:
+                w.writerow([e["path"], e["label"], e["split"]])
+    return str(dest)
+
+
+def _write_reports(report: dict, out_dir: str | Path) -> str:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(_markdown(report))
+    return str(out)
+
+
 def check_data(
     data: str | Path,
     *,
@@ -135,128 +314,21 @@ def check_data(
     if hash_threshold < 0 or hash_threshold > 64:
         raise ValueError(f"hash_threshold must be in 0..64, got {hash_threshold}")
     splits = _open_splits(data, dataset)
-    entries: list[dict] = []  # one per (split, image)
-    for split, images in splits.items():
-        for p, l in zip(images.paths, images.labels):
-            entries.append({"path": p, "split": split, "label": images.classes[l]})
-    from finegrain.utils import progress_bar
-
-    with progress_bar("check images", total=len(entries)) as bar:
-        for e in entries:
-            e.update(_inspect(e["path"]))
-            bar.advance(1)
-
-    unreadable = [{"path": e["path"], "split": e["split"], "error": e["error"]} for e in entries if "error" in e]
-    tiny = [{"path": e["path"], "split": e["split"], "size": e["size"]} for e in entries
-            if "size" in e and min(e["size"]) < min_side]
-    extreme = [{"path": e["path"], "split": e["split"], "size": e["size"]} for e in entries
-               if "size" in e and max(e["size"]) / max(1, min(e["size"])) > max_aspect]
-
-    # Exact duplicates: same bytes.
-    by_sha: dict[str, list[int]] = defaultdict(list)
-    for i, e in enumerate(entries):
-        by_sha[e["sha256"]].append(i)
-    exact_groups = [g for g in by_sha.values() if len(g) > 1]
-
-    # Near duplicates: both perceptual hashes close, among readable files with different bytes.
-    ok = [i for i, e in enumerate(entries) if "dhash" in e]
-    near_pairs: list[tuple[int, int, int, int]] = []
-    if len(ok) > 1:
-        d_all = np.stack([entries[i]["dhash"] for i in ok])
-        p_all = np.stack([entries[i]["phash"] for i in ok])
-        chunk = 1024
-        for s in range(0, len(ok), chunk):
-            dd = hamming_matrix(d_all[s:s + chunk], d_all)
-            pd = hamming_matrix(p_all[s:s + chunk], p_all)
-            rows, cols = np.nonzero((dd <= hash_threshold) & (pd <= hash_threshold))
-            for r, c in zip(rows.tolist(), cols.tolist()):
-                a, b = ok[s + r], ok[c]
-                if a < b and entries[a]["sha256"] != entries[b]["sha256"]:
-                    near_pairs.append((a, b, int(dd[r, c]), int(pd[r, c])))
-
-    uf = _UnionFind(len(entries))
-    for g in exact_groups:
-        for j in g[1:]:
-            uf.union(g[0], j)
-    for a, b, _, _ in near_pairs:
-        uf.union(a, b)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(entries)):
-        groups[uf.find(i)].append(i)
-    dup_groups = [sorted(g) for g in groups.values() if len(g) > 1]
-
-    def describe(i: int) -> dict:
-        return {"path": entries[i]["path"], "split": entries[i]["split"], "label": entries[i]["label"]}
-
-    leaks = [[describe(i) for i in g] for g in dup_groups if len({entries[i]["split"] for i in g}) > 1]
-    label_conflicts = [[describe(i) for i in g] for g in dup_groups if len({entries[i]["label"] for i in g}) > 1]
-
-    class_counts: dict[str, dict[str, int]] = {}
-    imbalance: dict[str, float | None] = {}
-    for split, images in splits.items():
-        counts = dict(zip(images.classes, images.class_counts()))
-        class_counts[split] = counts
-        nonzero = [c for c in counts.values() if c > 0]
-        imbalance[split] = (max(nonzero) / min(nonzero)) if nonzero else None
-    empty_classes = {s: [c for c, n in cc.items() if n == 0] for s, cc in class_counts.items()}
-
-    # Files to leave out of a clean split.
-    drop: dict[int, str] = {}
-    for i, e in enumerate(entries):
-        if "error" in e:
-            drop[i] = "unreadable"
-        elif min(e["size"]) < min_side:
-            drop[i] = "tiny"
-        elif max(e["size"]) / max(1, min(e["size"])) > max_aspect:
-            drop[i] = "extreme aspect"
-    for g in dup_groups:
-        train = [i for i in g if entries[i]["split"] == "train"]
-        keep = train[0] if train else g[0]  # a leaked test image goes; its train copy stays
-        for i in g:
-            if i != keep:
-                drop.setdefault(i, "test copy of a train image" if entries[i]["split"] == "test" and train else "duplicate")
-
-    report = {
-        "data": str(data),
-        "settings": {"hash_threshold": hash_threshold, "min_side": min_side, "max_aspect": max_aspect},
-        "summary": {
-            "images": len(entries), "splits": {s: len(v) for s, v in splits.items()},
-            "unreadable": len(unreadable), "exact_duplicate_groups": len(exact_groups),
-            "near_duplicate_pairs": len(near_pairs), "leak_groups": len(leaks),
-            "label_conflict_groups": len(label_conflicts), "tiny": len(tiny), "extreme_aspect": len(extreme),
-            "imbalance": imbalance, "flagged_for_removal": len(drop),
-        },
-        "unreadable": unreadable,
-        "exact_duplicates": [[describe(i) for i in g] for g in exact_groups],
-        "near_duplicates": [{"a": describe(a), "b": describe(b), "dhash_distance": dd, "phash_distance": pd}
-                            for a, b, dd, pd in near_pairs],
-        "leaks": leaks,
-        "label_conflicts": label_conflicts,
-        "tiny": tiny,
-        "extreme_aspect": extreme,
-        "class_counts": class_counts,
-        "empty_classes": empty_classes,
-        "imbalance": imbalance,
-        "removed_from_clean_split": [dict(describe(i), reason=r) for i, r in sorted(drop.items())],
-    }
+    entries = _entries(splits)
+    exact_groups = _exact_duplicates(entries)
+    near_pairs = _near_duplicates(entries, hash_threshold)
+    dup_groups = _duplicate_groups(len(entries), exact_groups, near_pairs)
+    drop = _flag_for_removal(entries, dup_groups, min_side, max_aspect)
+    report = _report(
+        data, {"hash_threshold": hash_threshold, "min_side": min_side, "max_aspect": max_aspect}, splits, entries,
+        unreadable=_unreadable(entries), tiny=_tiny(entries, min_side), extreme=_extreme_aspect(entries, max_aspect),
+        exact_groups=exact_groups, near_pairs=near_pairs, leaks=_mixed_groups(entries, dup_groups, "split"),
+        label_conflicts=_mixed_groups(entries, dup_groups, "label"), balance=_class_balance(splits), drop=drop,
+    )
     if clean_split is not None:
-        dest = Path(clean_split).resolve()
-        if str(dest) in {e["path"] for e in entries}:
-            raise ValueError(f"--write-clean-split {dest} is one of the images; choose a new .csv path")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(dest, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "split"])
-            for i, e in enumerate(entries):
-                if i not in drop:
-                    w.writerow([e["path"], e["label"], e["split"]])
-        report["clean_split"] = str(dest)
+        report["clean_split"] = _write_clean_split(clean_split, entries, drop)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1))
-        (out / "report.md").write_text(_markdown(report))
-        report["out_dir"] = str(out)
+        report["out_dir"] = _write_reports(report, out_dir)
     return report
 
 

@@ -63,6 +63,107 @@ def _pruner(optuna, name: str, startup_trials: int, warmup_epochs: int):
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs + 1)
 
 
+def _check_study_args(cfg: RunConfig, dims: list[Dimension], trials: int | None, sampler: str) -> int:
+    """Check the base config and the space for a study; returns the number of trials to run."""
+    cfg.check()
+    if cfg.train.resume:
+        raise ValueError("finegrain tune starts new runs; drop --resume")
+    if cfg.data.val_fraction <= 0:
+        raise ValueError("finegrain tune maximises validation top-1: set --val-fraction > 0 (the test split is never used)")
+    check_space(cfg, dims)
+    if sampler == "grid":
+        n_grid = grid_size(dims)
+        if trials is not None and trials > n_grid:
+            console.print(f"[yellow]the grid has {n_grid} points: running {n_grid} trials, not {trials}")
+        trials = n_grid if trials is None else min(trials, n_grid)
+    if trials is None or trials < 1:
+        raise ValueError(f"pass --trials N (at least 1) for the {sampler} sampler" if trials is None
+                         else f"--trials must be at least 1, got {trials}")
+    return trials
+
+
+def _build_study(optuna, cfg: RunConfig, dims: list[Dimension], settings: dict):
+    """Create the study folder with its ``study.json`` and the Optuna study; returns ``(study, study_dir)``."""
+    name = cfg.train.name or f"tune-{cfg.model.backbone}-{Path(cfg.data.data).stem or 'data'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    study_dir = Path(cfg.train.out) / name
+    if (study_dir / "study.json").exists():
+        raise FileExistsError(f"{study_dir} already holds a study; pass another --name")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"space": [str(d) for d in dims], **settings,
+                "objective": "best validation top-1 (%), maximised", "base_config": cfg.to_dict()}
+    (study_dir / "study.json").write_text(json.dumps(settings, indent=1))
+    study = optuna.create_study(direction="maximize", study_name=name,
+                                sampler=_sampler(optuna, settings["sampler"], dims, settings["seed"]),
+                                pruner=_pruner(optuna, settings["pruner"], settings["prune_startup_trials"], settings["prune_warmup_epochs"]))
+    return study, study_dir
+
+
+def _run_trial(optuna, trial, cfg: RunConfig, dims: list[Dimension], study_dir: Path) -> float:
+    """Run one trial: ``fit`` the config its sampled parameters give, reporting each epoch to the pruner; returns its objective."""
+    params = {d.key: d.suggest(trial) for d in dims}
+    run_cfg = apply(cfg, params)
+    run_cfg.train.out, run_cfg.train.name = str(study_dir / "trials"), f"trial-{trial.number:03d}"
+    trial.set_user_attr("run_dir", str(study_dir / "trials" / run_cfg.train.name))
+    console.print(f"[bold]trial {trial.number}[/bold] " + " ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+
+    def on_epoch(row: dict) -> None:
+        value = row.get("val_top1")
+        if value is None:
+            return
+        trial.report(value, row["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"validation top-1 {value:.2f}% at epoch {row['epoch']} trails the median")
+
+    try:
+        result = fit(run_cfg, on_epoch=on_epoch)
+    except (ValueError, FloatingPointError) as e:
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+        raise
+    if result.interrupted:
+        raise KeyboardInterrupt
+    trial.set_user_attr("best_epoch", result.best_epoch)
+    if result.best_val_top1 is None or not math.isfinite(result.best_val_top1):
+        raise ValueError(f"trial {trial.number} produced no validation top-1")
+    return float(result.best_val_top1)
+
+
+def _optimize(optuna, study, cfg: RunConfig, dims: list[Dimension], study_dir: Path, trials: int, timeout: float | None) -> bool:
+    """Run the trials, rewriting the results after each; returns whether Ctrl-C stopped the study."""
+
+    def after_trial(study_, trial) -> None:
+        _write_results(study_dir, study_, dims)
+        state = trial.state.name.lower()
+        text = f"{trial.value:.2f}%" if trial.value is not None else trial.user_attrs.get("error", "")
+        console.print(f"trial {trial.number} {state} {text}")
+
+    try:
+        study.optimize(lambda trial: _run_trial(optuna, trial, cfg, dims, study_dir), n_trials=trials, timeout=timeout,
+                       catch=(ValueError, FloatingPointError), callbacks=[after_trial])
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: results so far are in the study folder")
+        return True
+    return False
+
+
+def _study_result(optuna, study, cfg: RunConfig, study_dir: Path, rows: list[dict], interrupted: bool) -> StudyResult:
+    """The :class:`StudyResult`, after writing the best trial's config to ``best.yaml``; raises if no trial finished."""
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        if interrupted:
+            return StudyResult(study_dir, None, {}, None, rows, interrupted=True)
+        errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
+        raise ValueError(f"no trial finished ({len(study.trials)} run, see {study_dir / 'trials.csv'})"
+                         + (f"; first error: {errors[0]}" if errors else ""))
+    best = study.best_trial
+    best_cfg = apply(cfg, best.params)
+    best_cfg.train.out, best_cfg.train.name, best_cfg.train.resume = cfg.train.out, None, None  # a fresh, auto-named run
+    best_path = study_dir / "best.yaml"
+    best_path.write_text(f"# best trial {best.number} of {study_dir.name}: validation top-1 {best.value:.2f}%\n"
+                         f"# train it: finegrain train --config {best_path}\n"
+                         + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    return StudyResult(study_dir, float(best.value), dict(best.params), best_path, rows, interrupted)
+
+
 def run_study(
     cfg: RunConfig,
     space: Sequence[str | Dimension],
@@ -106,92 +207,15 @@ def run_study(
     if prune_startup_trials < 0 or prune_warmup_epochs < 0:
         raise ValueError("--prune-startup-trials and --prune-warmup-epochs must be >= 0")
     dims = parse_space(space)
-    cfg.check()
-    if cfg.train.resume:
-        raise ValueError("finegrain tune starts new runs; drop --resume")
-    if cfg.data.val_fraction <= 0:
-        raise ValueError("finegrain tune maximises validation top-1: set --val-fraction > 0 (the test split is never used)")
-    check_space(cfg, dims)
-    if sampler == "grid":
-        n_grid = grid_size(dims)
-        if trials is not None and trials > n_grid:
-            console.print(f"[yellow]the grid has {n_grid} points: running {n_grid} trials, not {trials}")
-        trials = n_grid if trials is None else min(trials, n_grid)
-    if trials is None or trials < 1:
-        raise ValueError(f"pass --trials N (at least 1) for the {sampler} sampler" if trials is None
-                         else f"--trials must be at least 1, got {trials}")
+    trials = _check_study_args(cfg, dims, trials, sampler)
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    name = cfg.train.name or f"tune-{cfg.model.backbone}-{Path(cfg.data.data).stem or 'data'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    study_dir = Path(cfg.train.out) / name
-    if (study_dir / "study.json").exists():
-        raise FileExistsError(f"{study_dir} already holds a study; pass another --name")
-    study_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"space": [str(d) for d in dims], "sampler": sampler, "pruner": pruner, "trials": trials, "seed": seed,
-                "prune_startup_trials": prune_startup_trials, "prune_warmup_epochs": prune_warmup_epochs,
-                "objective": "best validation top-1 (%), maximised", "base_config": cfg.to_dict()}
-    (study_dir / "study.json").write_text(json.dumps(settings, indent=1))
-
-    study = optuna.create_study(direction="maximize", study_name=name, sampler=_sampler(optuna, sampler, dims, seed),
-                                pruner=_pruner(optuna, pruner, prune_startup_trials, prune_warmup_epochs))
-
-    def objective(trial) -> float:
-        params = {d.key: d.suggest(trial) for d in dims}
-        run_cfg = apply(cfg, params)
-        run_cfg.train.out, run_cfg.train.name = str(study_dir / "trials"), f"trial-{trial.number:03d}"
-        trial.set_user_attr("run_dir", str(study_dir / "trials" / run_cfg.train.name))
-        console.print(f"[bold]trial {trial.number}[/bold] " + " ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
-
-        def on_epoch(row: dict) -> None:
-            value = row.get("val_top1")
-            if value is None:
-                return
-            trial.report(value, row["epoch"])
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"validation top-1 {value:.2f}% at epoch {row['epoch']} trails the median")
-
-        try:
-            result = fit(run_cfg, on_epoch=on_epoch)
-        except (ValueError, FloatingPointError) as e:
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-            raise
-        if result.interrupted:
-            raise KeyboardInterrupt
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        if result.best_val_top1 is None or not math.isfinite(result.best_val_top1):
-            raise ValueError(f"trial {trial.number} produced no validation top-1")
-        return float(result.best_val_top1)
-
-    def after_trial(study_, trial) -> None:
-        _write_results(study_dir, study_, dims)
-        state = trial.state.name.lower()
-        text = f"{trial.value:.2f}%" if trial.value is not None else trial.user_attrs.get("error", "")
-        console.print(f"trial {trial.number} {state} {text}")
-
-    interrupted = False
-    try:
-        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(ValueError, FloatingPointError),
-                       callbacks=[after_trial])
-    except KeyboardInterrupt:
-        interrupted = True
-        console.print("[yellow]interrupted: results so far are in the study folder")
+    settings = {"sampler": sampler, "pruner": pruner, "trials": trials, "seed": seed,
+                "prune_startup_trials": prune_startup_trials, "prune_warmup_epochs": prune_warmup_epochs}
+    study, study_dir = _build_study(optuna, cfg, dims, settings)
+    interrupted = _optimize(optuna, study, cfg, dims, study_dir, trials, timeout)
     rows = _write_results(study_dir, study, dims)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not done:
-        if interrupted:
-            return StudyResult(study_dir, None, {}, None, rows, interrupted=True)
-        errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
-        raise ValueError(f"no trial finished ({len(study.trials)} run, see {study_dir / 'trials.csv'})"
-                         + (f"; first error: {errors[0]}" if errors else ""))
-    best = study.best_trial
-    best_cfg = apply(cfg, best.params)
-    best_cfg.train.out, best_cfg.train.name, best_cfg.train.resume = cfg.train.out, None, None  # a fresh, auto-named run
-    best_path = study_dir / "best.yaml"
-    best_path.write_text(f"# best trial {best.number} of {study_dir.name}: validation top-1 {best.value:.2f}%\n"
-                         f"# train it: finegrain train --config {best_path}\n"
-                         + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
-    return StudyResult(study_dir, float(best.value), dict(best.params), best_path, rows, interrupted)
+    return _study_result(optuna, study, cfg, study_dir, rows, interrupted)
 
 
 def _fmt(v) -> str:

@@ -386,6 +386,7 @@ PAGE = """<!doctype html>
  #detect-fig { flex: 1 1 100%; }
  #boxes { display: block; max-width: 100%; height: auto; background: #f4f4f4; border-radius: 4px; }
  td.swatch { width: .8rem; }
+ caption { text-align: left; font-weight: 600; padding: .6rem 0 .2rem; }
  td.swatch span { display: inline-block; width: .8rem; height: .8rem; border-radius: 2px; }
 </style></head>
 <body>
@@ -432,7 +433,8 @@ const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"
 function drawBoxes(img, j) {  // the image at its own pixel size (the boxes' coordinates); CSS scales the canvas down
   const c = $("boxes"), ctx = c.getContext("2d");
   c.width = j.width; c.height = j.height;
-  ctx.drawImage(img, 0, 0, j.width, j.height);
+  if (img) ctx.drawImage(img, 0, 0, j.width, j.height);
+  else { ctx.fillStyle = "#ddd"; ctx.fillRect(0, 0, j.width, j.height); }  // a format the server reads but the browser cannot show
   const fs = Math.max(12, Math.round(j.width / 45));
   ctx.lineWidth = Math.max(2, j.width / 300); ctx.font = `${fs}px system-ui, sans-serif`; ctx.textBaseline = "top";
   j.objects.forEach((o, i) => {
@@ -440,12 +442,14 @@ function drawBoxes(img, j) {  // the image at its own pixel size (the boxes' coo
     const label = `${i + 1} ${o.class} ${(100 * o.prob).toFixed(0)}%`;
     ctx.strokeStyle = color; ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
     const ty = y0 >= fs + 4 ? y0 - fs - 4 : y0;  // above the box, or inside it at the image's top edge
-    ctx.fillStyle = color; ctx.fillRect(x0, ty, ctx.measureText(label).width + 8, fs + 4);
-    ctx.fillStyle = "#fff"; ctx.fillText(label, x0 + 4, ty + 2);
+    const lw = ctx.measureText(label).width + 8, lx = Math.max(0, Math.min(x0, j.width - lw));  // kept on the canvas
+    ctx.fillStyle = color; ctx.fillRect(lx, ty, lw, fs + 4);
+    ctx.fillStyle = "#fff"; ctx.fillText(label, lx + 4, ty + 2);
   });
 }
 function objectTable(j) {
   const t = document.createElement("table"); t.id = "objects";
+  t.createCaption().textContent = "Detected objects: class, probability, next classes, detector label and score";
   j.objects.forEach((o, i) => {
     const row = t.insertRow();
     const sw = row.insertCell(); sw.className = "swatch";
@@ -461,8 +465,7 @@ async function detect(f) {
   const [r, j] = await post("detect", f);
   if (!r.ok) { out.appendChild(error(r.status, j)); return; }
   const img = $("preview");
-  await img.decode();
-  drawBoxes(img, j);
+  drawBoxes(await img.decode().then(() => img, () => null), j);
   $("detect-caption").textContent = j.objects.length
     ? `${j.objects.length} object${j.objects.length > 1 ? "s" : ""} detected (detector score >= ${detector.score_threshold}), ` +
       "each cropped and classified"
@@ -480,6 +483,7 @@ async function send(f) {
   const verdict = answerText(j);
   if (verdict) { const p = document.createElement("p"); p.id = "answer"; p.textContent = verdict; out.appendChild(p); }
   const t = document.createElement("table"); t.id = "topk";
+  if (detector) t.createCaption().textContent = "Whole image";
   for (const c of j.topk) {
     const row = t.insertRow();
     row.insertCell().textContent = c.class;

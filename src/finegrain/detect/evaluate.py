@@ -88,8 +88,13 @@ def draw_detections(image: torch.Tensor, pred: dict, classes: list[str], *, targ
         canvas = draw_bounding_boxes(canvas, target["boxes"], colors="white", width=width)
     if keep.any():
         names = [f"{classes[int(l)]} {float(s):.2f}" for l, s in zip(pred["labels"][keep], pred["scores"][keep])]
-        canvas = draw_bounding_boxes(canvas, pred["boxes"][keep], labels=names, width=width)
+        colors = [PALETTE[int(l) % len(PALETTE)] for l in pred["labels"][keep]]
+        canvas = draw_bounding_boxes(canvas, pred["boxes"][keep], labels=names, colors=colors, width=width)
     return canvas
+
+
+PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990")
+"""One colour per class (modulo), readable on photos."""
 
 
 def save_examples(ds: DetectionDataset, preds: list[dict], classes: list[str], path: Path, *, n: int = 8) -> None:

@@ -14,7 +14,7 @@ backbone weights with a feature pyramid's worth of strides):
 
 On the CPU the budget is reduced (short side ``--img-size``, ``--epochs``); the results name it.
 
-Usage: python benchmarks/detection.py                      (the reduced CPU budget: RetinaNet, 256 px, 4 epochs)
+Usage: python benchmarks/detection.py                      (the reduced CPU budget: RetinaNet, 256 px, 4 epochs; Mask R-CNN 2)
        python benchmarks/detection.py --img-size 512 --epochs 12 --mask-epochs 12 --cls-epochs 10   (a GPU)
 """
 
@@ -82,7 +82,7 @@ def part_payoff(args, bird_detector: str | None) -> list[dict]:
 
 def part_masks(args) -> list[dict]:
     return [train_detector(name, SHARED / name, labels="species", detector="mask_rcnn", epochs=args.mask_epochs,
-                           img_size=args.img_size, workers=args.workers) for name in ("carparts", "pets37")]
+                           img_size=args.img_size, workers=args.workers) for name in args.mask_sets]
 
 
 def main() -> None:
@@ -90,13 +90,14 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["boxes", "payoff", "masks"], choices=("boxes", "payoff", "masks"))
     p.add_argument("--detector", default="retinanet", help="detector of the boxes and payoff parts")
     p.add_argument("--epochs", type=int, default=4, help="detector epochs (the CPU budget; 12+ on a GPU)")
-    p.add_argument("--mask-epochs", type=int, default=3, help="Mask R-CNN epochs")
+    p.add_argument("--mask-epochs", type=int, default=2, help="Mask R-CNN epochs")
+    p.add_argument("--mask-sets", nargs="+", default=["carparts", "pets37"], choices=("carparts", "pets37"))
     p.add_argument("--cls-epochs", type=int, default=2, help="classifier epochs of the payoff part")
     p.add_argument("--img-size", type=int, default=256, help="detector short side")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--name", default="detection")
     args = p.parse_args()
-    results: dict = {"budget": {k: getattr(args, k) for k in ("detector", "epochs", "mask_epochs", "cls_epochs", "img_size")},
+    results: dict = {"budget": {k: getattr(args, k) for k in ("parts", "detector", "epochs", "mask_epochs", "cls_epochs", "img_size")},
                      "backbone": "efficientnet_lite0 (ImageNet, ../shared/data/weights)"}
     bird = None
     if "boxes" in args.parts:

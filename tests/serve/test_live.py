@@ -7,6 +7,7 @@ costs a Python + torch import (a few seconds).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -70,6 +71,21 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
+@contextlib.contextmanager
+def _page(sync_api, exe: str, url: str, viewport: dict):
+    """A page of headless Chromium at ``url`` and the list its uncaught errors go to; the browser closes after."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=viewport)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            yield page, errors
+        finally:
+            browser.close()
+
+
 def _keep(shot: Path, name: str) -> None:
     keep = os.environ.get("FINEGRAIN_SCREENSHOTS")
     if keep:  # look at it: FINEGRAIN_SCREENSHOTS=/tmp/shots pytest tests/serve/test_live.py
@@ -82,32 +98,24 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     image = tmp_path / "flower.jpg"
     image.write_bytes(jpeg((200, 40, 40), size=(160, 120)))
     shot = tmp_path / "page.png"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 900, "height": 760})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
-            assert "test_resnet" in page.text_content("#model")
-            page.set_input_files("#file", str(image))
-            page.wait_for_selector("#topk tr", timeout=30_000)
-            page.wait_for_selector("#heatmap-fig:not([hidden])", timeout=30_000)
-            page.wait_for_function("document.getElementById('heatmap').complete && "
-                                   "document.getElementById('heatmap').naturalWidth > 0")
-            rows = page.locator("#topk tr")
-            assert rows.count() == 3  # --topk 3
-            names = [rows.nth(i).locator("td").first.text_content() for i in range(3)]
-            assert sorted(names) == sorted(CLASSES)
-            scores = [float(rows.nth(i).locator("td.score").text_content().rstrip("%")) for i in range(3)]
-            assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 100) < 0.5
-            assert page.eval_on_selector("#heatmap", "img => img.naturalWidth") == 32  # the 32 px eval crop
-            assert names[0] in page.text_content("#heatmap-caption")
-            assert page.is_visible("#preview") and not page.locator(".err").count() and not errors
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with _page(sync_api, exe, server.url + "/", {"width": 900, "height": 760}) as (page, errors):
+        page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+        assert "test_resnet" in page.text_content("#model")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#topk tr", timeout=30_000)
+        page.wait_for_selector("#heatmap-fig:not([hidden])", timeout=30_000)
+        page.wait_for_function("document.getElementById('heatmap').complete && "
+                               "document.getElementById('heatmap').naturalWidth > 0")
+        rows = page.locator("#topk tr")
+        assert rows.count() == 3  # --topk 3
+        names = [rows.nth(i).locator("td").first.text_content() for i in range(3)]
+        assert sorted(names) == sorted(CLASSES)
+        scores = [float(rows.nth(i).locator("td.score").text_content().rstrip("%")) for i in range(3)]
+        assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 100) < 0.5
+        assert page.eval_on_selector("#heatmap", "img => img.naturalWidth") == 32  # the 32 px eval crop
+        assert names[0] in page.text_content("#heatmap-caption")
+        assert page.is_visible("#preview") and not page.locator(".err").count() and not errors
+        page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 5_000
     _keep(shot, "serve-page.png")
 
@@ -147,42 +155,34 @@ def test_detect_page_in_headless_chromium(tmp_path):
         n = len(want["objects"])
         assert n == 3, want  # the test needs objects to draw
         assert (want["width"], want["height"]) == Image.open(image).size
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 900, "height": 1000})
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(srv.url + "/")
-                page.wait_for_function("document.getElementById('model').textContent.includes('detector of bird, car')")
-                page.set_input_files("#file", str(image))
-                page.wait_for_selector("#detect-fig:not([hidden])", timeout=60_000)
-                page.wait_for_selector("#objects tr", timeout=30_000)
-                page.wait_for_selector("#heatmap-fig:not([hidden])", timeout=60_000)  # the page's last step: all drawn
-                assert page.text_content("#detect-caption").startswith(f"{n} objects detected (detector score >= 0")
-                rows = page.locator("#objects tr")
-                assert rows.count() == n
-                for i, o in enumerate(want["objects"]):  # same image, same deterministic models: the same objects in order
-                    cells = rows.nth(i).locator("td")
-                    assert cells.nth(1).text_content() == f"{i + 1}. {o['class']}"
-                    assert cells.nth(2).text_content() == f"{100 * o['prob']:.1f}%"
-                    assert cells.nth(4).text_content() == f"{o['detector_label']} {o['score']:.2f}"
-                colors = page.evaluate("COLORS")[:n]
-                px = page.evaluate(_CANVAS_PIXELS, [colors, want["width"], want["height"]])
-                assert px["size"] == [want["width"], want["height"]]  # drawn at the image's own pixels (the boxes' units)
-                assert 0 < px["shown"][0] <= 900 and px["shown"][1] > 0  # scaled down to the page, not cropped off it
-                assert px["changed"] > 200 * n, px  # boxes and labels drawn over the image
-                assert all(e > 50 for e in px["extra"]), px  # every object's colour: its outline and label background
-                assert page.text_content("#topk caption") == "Whole image"  # the two tables told apart
-                assert page.text_content("#objects caption").startswith("Detected objects")
-                assert not page.locator(".err").count() and not errors, errors
-                page.screenshot(path=str(shot), full_page=True)
-                # a box at the right edge with a long class name: its label is moved left to stay on the canvas
-                left = page.evaluate(_LABEL_AT_RIGHT_EDGE, [want["width"], want["height"]])
-                assert left > 500, left
-                assert not errors, errors
-            finally:
-                browser.close()
+        with _page(sync_api, exe, srv.url + "/", {"width": 900, "height": 1000}) as (page, errors):
+            page.wait_for_function("document.getElementById('model').textContent.includes('detector of bird, car')")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#detect-fig:not([hidden])", timeout=60_000)
+            page.wait_for_selector("#objects tr", timeout=30_000)
+            page.wait_for_selector("#heatmap-fig:not([hidden])", timeout=60_000)  # the page's last step: all drawn
+            assert page.text_content("#detect-caption").startswith(f"{n} objects detected (detector score >= 0")
+            rows = page.locator("#objects tr")
+            assert rows.count() == n
+            for i, o in enumerate(want["objects"]):  # same image, same deterministic models: the same objects in order
+                cells = rows.nth(i).locator("td")
+                assert cells.nth(1).text_content() == f"{i + 1}. {o['class']}"
+                assert cells.nth(2).text_content() == f"{100 * o['prob']:.1f}%"
+                assert cells.nth(4).text_content() == f"{o['detector_label']} {o['score']:.2f}"
+            colors = page.evaluate("COLORS")[:n]
+            px = page.evaluate(_CANVAS_PIXELS, [colors, want["width"], want["height"]])
+            assert px["size"] == [want["width"], want["height"]]  # drawn at the image's own pixels (the boxes' units)
+            assert 0 < px["shown"][0] <= 900 and px["shown"][1] > 0  # scaled down to the page, not cropped off it
+            assert px["changed"] > 200 * n, px  # boxes and labels drawn over the image
+            assert all(e > 50 for e in px["extra"]), px  # every object's colour: its outline and label background
+            assert page.text_content("#topk caption") == "Whole image"  # the two tables told apart
+            assert page.text_content("#objects caption").startswith("Detected objects")
+            assert not page.locator(".err").count() and not errors, errors
+            page.screenshot(path=str(shot), full_page=True)
+            # a box at the right edge with a long class name: its label is moved left to stay on the canvas
+            left = page.evaluate(_LABEL_AT_RIGHT_EDGE, [want["width"], want["height"]])
+            assert left > 500, left
+            assert not errors, errors
     assert shot.stat().st_size > 5_000
     _keep(shot, "serve-detect-page.png")
 

@@ -375,3 +375,19 @@ def test_finegrain_train_sends_a_detector_to_detect_train(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--task", "detection", "--backbone", "test_resnet", "--pretrained", "none",
                  "--out", str(tmp_path / "runs")]) == 2
     assert "finegrain detect train" in "".join(capsys.readouterr())
+
+
+def test_boxes_are_clipped_to_the_pixels_the_loader_delivers_for_an_exif_rotated_jpeg(tmp_path):
+    """The loader does not apply EXIF rotation, so sanitising must not either (it clipped a 40x20 photo's box to 20x40)."""
+    from finegrain.detect.data import make_list
+    from finegrain.detect.dataset import DetectionDataset
+
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to view"
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(path, exif=exif)
+    data = make_list([str(path)], [np.array([[2.0, 1, 38, 19]])], [np.array([0])], ["thing"])
+    assert data.fixes.clipped == 0 and data.sizes == [(20, 40)]
+    item = DetectionDataset(data)[0]
+    assert item["image"].shape[1:] == (20, 40)
+    torch.testing.assert_close(item["target"]["boxes"], torch.tensor([[2.0, 1, 38, 19]]))

@@ -127,16 +127,9 @@ def image_size(path: str) -> tuple[int, int] | None:
 
     try:
         with Image.open(path) as im:
-            w, h = im.size
+            w, h = im.size  # as stored: the loader (load_rgb) does not apply an EXIF rotation either
     except Exception:  # noqa: BLE001  (missing or unreadable: the dataset skips and lists it later)
         return None
-    if im.format == "JPEG" or im.format == "MPO":  # EXIF rotation swaps the sides the decoder will deliver
-        try:
-            with Image.open(path) as im:
-                if im.getexif().get(0x0112) in (5, 6, 7, 8):
-                    w, h = h, w
-        except Exception:  # noqa: BLE001
-            pass
     return h, w
 
 

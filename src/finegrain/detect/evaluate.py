@@ -21,12 +21,12 @@ from finegrain.utils import console, progress_bar, resolve_device
 
 def load_detector(checkpoint: str | Path, device: str = "auto"):
     """``(task, meta)`` of a detector checkpoint; a classifier checkpoint is refused naming what to do."""
-    from finegrain.tasks import TASKS
+    from finegrain.tasks import detection_tasks
 
     meta = ckpt.read_meta(checkpoint)
-    if TASKS.get(meta.task).outputs != "detections":
+    if meta.task not in detection_tasks():
         raise ValueError(f"{checkpoint} is a {meta.task} checkpoint, not a detector; train one with `finegrain detect train` "
-                         "(Supported tasks: detection)")
+                         f"(Supported tasks: {', '.join(detection_tasks())})")
     return ckpt.load_task(checkpoint, resolve_device(device))
 
 

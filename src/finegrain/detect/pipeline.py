@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from finegrain.predict import Predictor, expand_images
-from finegrain.tasks import Task
+from finegrain.tasks import Task, detection_tasks
 
 
 def crop_box(box: Sequence[float], margin: float, width: int, height: int) -> tuple[int, int, int, int]:
@@ -58,12 +58,6 @@ def _open(path: str | Path) -> Image.Image:
         return _upright(im)
 
 
-def _detection_tasks() -> list[str]:
-    from finegrain.tasks import TASKS
-
-    return [n for n in TASKS.names() if TASKS.get(n).outputs == "detections"]
-
-
 def _check_checkpoints(detector: str | Path, classifier: str | Path | Predictor) -> None:
     """Refuse a non-detector as ``detector`` and a non-classifier as ``classifier`` before loading any weights."""
     from finegrain.checkpoint import read_meta
@@ -75,7 +69,7 @@ def _check_checkpoints(detector: str | Path, classifier: str | Path | Predictor)
     hint = " The two look swapped: give the DETECTOR first, then the CLASSIFIER." if swapped else ""
     if det.outputs != "detections":
         raise ValueError(f"{detector} is a {det.name} checkpoint, not a detector: the first checkpoint must find objects "
-                         f"(train one with `finegrain detect train`).{hint} Supported tasks: {', '.join(_detection_tasks())}")
+                         f"(train one with `finegrain detect train`).{hint} Supported tasks: {', '.join(detection_tasks())}")
     if cls is not None and cls.outputs != "classes":
         raise ValueError(f"{classifier} is a {cls.name} checkpoint, whose predict returns {cls.outputs}, not a classifier: the "
                          f"second checkpoint must predict classes (train one with `finegrain train`). "
@@ -107,7 +101,7 @@ class DetectThenClassify:
                  score_threshold: float = 0.5, max_objects: int = 100, tile: int | None = None, tile_overlap: int = 128):
         if getattr(detector, "outputs", None) != "detections":
             raise ValueError(f"the detector must be a detection task, got {getattr(detector, 'name', type(detector).__name__)}. "
-                             f"Supported tasks: {', '.join(_detection_tasks())}")
+                             f"Supported tasks: {', '.join(detection_tasks())}")
         if classifier is not None and not isinstance(classifier, Predictor):
             raise TypeError(f"the classifier must be a finegrain Predictor (or None: detect only), got {type(classifier).__name__}: "
                             "use DetectThenClassify.from_checkpoints(detector, classifier)")

@@ -10,11 +10,12 @@ from finegrain.tasks.base import (
     TaskOptions,
     build_task,
     classifier_tasks,
+    detection_tasks,
     plain_classifier_tasks,
     require_classifier,
     require_plain_classifier,
     resolve_options,
 )
 
-__all__ = ["TASKS", "BuildContext", "LoadedCheckpoint", "Task", "TaskOptions", "build_task", "classifier_tasks", "plain_classifier_tasks",
-           "require_classifier", "require_plain_classifier", "resolve_options"]
+__all__ = ["TASKS", "BuildContext", "LoadedCheckpoint", "Task", "TaskOptions", "build_task", "classifier_tasks", "detection_tasks",
+           "plain_classifier_tasks", "require_classifier", "require_plain_classifier", "resolve_options"]

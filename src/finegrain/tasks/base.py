@@ -189,6 +189,11 @@ def classifier_tasks() -> list[str]:
     return [n for n in TASKS.names() if TASKS.get(n).outputs == "classes"]
 
 
+def detection_tasks() -> list[str]:
+    """The registered tasks whose checkpoints find objects (``Task.outputs == "detections"``)."""
+    return [n for n in TASKS.names() if TASKS.get(n).outputs == "detections"]
+
+
 _OTHER_COMMANDS = {"embeddings": "evaluate it with `finegrain fewshot eval`",
                    "detections": "evaluate it with `finegrain eval` or `finegrain detect eval`, run it with `finegrain detect predict`"}
 """Where a checkpoint that does not predict classes is used instead, by ``Task.outputs``."""

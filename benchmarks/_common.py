@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table()
+    t = Table()  # a pipe or log file gets the whole table, not an 80-column fold
     for c in columns:
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(*(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns))
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 200).print(t)

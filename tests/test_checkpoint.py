@@ -108,3 +108,22 @@ def test_derive_records_lineage_and_resets_metrics():
     assert [e["kind"] for e in d2.lineage] == ["pruned", "enrolled"] and d2.lineage[0]["ratio"] == 0.5
     assert d2.lineage[1]["source"] == "b.safetensors" and d1.metrics == {} and d1.epoch is None
     assert meta.lineage == [] and meta.metrics == {"val_top1": 90.0}  # the source is untouched
+
+
+def test_checkpoint_of_changed_layers_names_what_differs(tmp_path):
+    """A checkpoint whose weights are not the layers its task builds now (saved before a layer change) says which, and the fix."""
+    torch.manual_seed(0)
+    task = build_task("fgvc", create_backbone("test_resnet", num_classes=3), 3, attention="se")
+    sd = dict(task.state_dict())
+    renamed = sorted(k for k in sd if k.startswith("attn") or ".attn" in k or "attention" in k)[0]
+    sd["old_layer.weight"] = sd.pop(renamed)
+    head = next(k for k in sd if k.endswith("weight") and sd[k].ndim == 2)
+    sd[head] = torch.zeros(sd[head].shape[0] + 1, sd[head].shape[1])
+    meta = _meta(task="fgvc", num_classes=3, classes=["r", "g", "b"], task_args=task.task_args(),
+                 model={"backbone": "test_resnet", "pretrained": "none", "task": "fgvc"})
+    ckpt.save(tmp_path / "old.safetensors", sd, meta)
+    with pytest.raises(ValueError) as e:
+        ckpt.load_task(tmp_path / "old.safetensors")
+    msg = str(e.value)
+    assert f"missing {renamed}" in msg and "not in the model old_layer.weight" in msg and f"other shape {head}" in msg
+    assert "train it again" in msg

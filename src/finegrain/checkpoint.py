@@ -309,8 +309,24 @@ def load_task(path: str | Path, device: str | torch.device = "cpu"):
     try:
         task.load_state_dict(sd)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not match the model it describes ({m['backbone']}, task {meta.task}): {e}") from e
+        raise ValueError(f"checkpoint {path} does not match the model it describes ({m['backbone']}, task {meta.task}): "
+                         f"{_mismatch(task.state_dict(), sd) or e}. A checkpoint saved before a change to this task's "
+                         "layers (e.g. TransFG's overlapping patch embedding, the dual attention's convolutions) "
+                         "does not load: train it again") from e
     return task.to(resolve_device(str(device)) if isinstance(device, str) else device).eval(), meta
+
+
+def _mismatch(expected: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> str:
+    """What differs between the weights a task builds and those a file holds (a few names of each kind)."""
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(stored) if expected[k].shape != stored[k].shape)
+    parts = [f"{label} {few(names)}" for label, names in (("missing", missing), ("not in the model", unexpected),
+                                                          ("other shape", shapes)) if names]
+    return "; ".join(parts)
 
 
 def save_train_state(path: str | Path, state: dict[str, Any]) -> None:

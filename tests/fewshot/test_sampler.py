@@ -68,3 +68,9 @@ def test_episode_collate_drops_an_episode_with_a_broken_image():
     items = [{"image": torch.zeros(3, 4, 4), "label": 7, "index": i} for i in range(4)]
     assert c(items)["label"].tolist() == [0, 1, 0, 1]
     assert c(items[:3] + [{"skipped": "x.jpg", "error": "bad"}])["image"] is None
+
+
+def test_ordered_split_cuts_class_ids_in_order_by_fractions():
+    s = split_classes(_images(50, 1, source="cub:/x"), method="ordered", fractions=(0.4, 0.2, 0.4), seed=7)
+    assert s == {"base": list(range(20)), "val": list(range(20, 30)), "novel": list(range(30, 50))}
+    assert split_classes(_images(50, 1), method="ordered", fractions=(0.4, 0.2, 0.4), seed=8) == s  # no seed in it

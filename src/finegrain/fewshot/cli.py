@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from finegrain.fewshot.sampler import SPLIT_METHODS
+
 
 def _method_args(args) -> dict:
     """The chosen method's options from its flags (a flag of another method is refused)."""
@@ -21,10 +23,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-way", type=int, default=5, help="classes per episode (default: 5)")
     p.add_argument("--q-query", type=int, default=15, help="query images per class per episode (default: 15)")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: 84 for training, the checkpoint's or backbone's for eval)")
-    p.add_argument("--split-method", default="auto", choices=("auto", "cub", "random"),
-                   help="class split: CUB-200 100/50/50 by class id, or random by --split-fractions (auto: cub for CUB-200)")
+    p.add_argument("--split-method", default="auto", choices=SPLIT_METHODS,
+                   help="class split: CUB-200 100/50/50 by class id, ordered (by class id) or random by --split-fractions "
+                        "(auto: cub for CUB-200, else random)")
     p.add_argument("--split-fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar=("BASE", "VAL", "NOVEL"),
-                   help="class fractions of the random split (default: 0.6 0.2 0.2)")
+                   help="class fractions of the ordered or random split (default: 0.6 0.2 0.2)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the random class split")
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes")
     p.add_argument("--workers", type=int, default=0, help="data loading processes")

@@ -20,7 +20,7 @@ from finegrain.data.base import ImageList
 from finegrain.data.dataset import collate
 
 SPLITS = ("base", "val", "novel")
-SPLIT_METHODS = ("auto", "cub", "random")
+SPLIT_METHODS = ("auto", "cub", "ordered", "random")
 
 
 def split_classes(
@@ -34,9 +34,11 @@ def split_classes(
 
     Args:
         method: "cub" is the CUB-200 convention (100/50/50 by class id order; needs 200 classes);
-            "random" shuffles the classes with ``seed`` and cuts them by ``fractions``; "auto" is
+            "ordered" cuts the classes in class-id order by ``fractions`` (the CUB convention for a
+            subset of CUB, or any other class count); "random" shuffles the classes with ``seed``
+            and cuts them by ``fractions``; "auto" is
             "cub" for a CUB data set with 200 classes and "random" otherwise.
-        fractions: base/val/novel class fractions for "random" (normalised to sum to 1).
+        fractions: base/val/novel class fractions for "ordered" and "random" (normalised to sum to 1).
         seed: seed of the "random" split.
 
     Returns:
@@ -54,7 +56,8 @@ def split_classes(
         raise ValueError(f"class fractions must be three non-negative numbers (base val novel), got {fractions}")
     total = sum(fractions)
     order = list(range(n))
-    random.Random(seed).shuffle(order)
+    if method != "ordered":
+        random.Random(seed).shuffle(order)
     n_base = round(n * fractions[0] / total)
     n_val = round(n * fractions[1] / total)
     n_base, n_val = min(n_base, n), min(n_val, n - min(n_base, n))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from finegrain.models.backbone import create_backbone
 from finegrain.tasks import TASKS, build_task
+from finegrain.tasks.base import BuildContext
 from finegrain.tasks.detection import DETECTORS
 
 CONV_FAMILIES = ["test_resnet", "test_efficientnet", "test_convnext", "test_byobnet", "test_nfnet", "test_mambaout"]
@@ -347,7 +348,9 @@ def test_tv_detector_options_are_checked():
         opts(coco=True).check()
     o = opts(tv_detector="fcos_resnet50_fpn")
     o.check()
-    assert o.detector == "fcos"
+    assert o.family == "fcos" and o.detector == "faster_rcnn"  # the family follows the named detector; check() changes nothing
+    o = opts(tv_detector="maskrcnn_resnet50_fpn")
+    assert TASKS.get("detection").build_args(o, BuildContext())["detector"] == "mask_rcnn"
 
 
 def test_loader_shrinks_only_images_larger_than_max_side(squares):

@@ -153,7 +153,7 @@ def _fit(cfg: DetectConfig, options, world, dev, *, resume: bool, max_epochs: in
     data = open_split(cfg, "train")
     if world.is_main:
         _report_data(data, run_dir)
-    masks = options.detector == "mask_rcnn"
+    masks = options.family == "mask_rcnn"
     train_idx, val_idx = val_split(data, cfg.val_fraction, cfg.split_seed)
     task, prep = build_detection_task(cfg, options, len(data.classes), pretrained="none" if resumed else cfg.pretrained)
     task = task.to(dev)

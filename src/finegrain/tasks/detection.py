@@ -190,10 +190,13 @@ class DetectionTask(Task):
                 raise ValueError(f"--fpn-channels must be at least 8, got {self.fpn_channels}")
             if self.tv_detector and self.tv_detector not in TORCHVISION_DETECTORS:
                 raise ValueError(f"--tv-detector must be one of {', '.join(TORCHVISION_DETECTORS)}, got {self.tv_detector!r}")
-            if self.tv_detector and TORCHVISION_DETECTORS[self.tv_detector] != self.detector:
-                self.detector = TORCHVISION_DETECTORS[self.tv_detector]  # the family follows the named detector
             if self.coco and not self.tv_detector:
                 raise ValueError("--coco starts from torchvision's COCO-trained detectors: name one with --tv-detector")
+
+        @property
+        def family(self) -> str:
+            """The detection architecture: that of the ``tv_detector`` when one is named, else ``detector``."""
+            return TORCHVISION_DETECTORS[self.tv_detector] if self.tv_detector else self.detector
 
     def __init__(self, model: nn.Module, num_classes: int, *, detector: str = "faster_rcnn", fpn_channels: int = 128,
                  img_size: int = 512, scale_jitter: float = 0.25, freeze_bn: bool = True, tv_detector: str = "", coco: bool = False,
@@ -219,7 +222,7 @@ class DetectionTask(Task):
     @classmethod
     def build_args(cls, options: TaskOptions, context: BuildContext) -> dict[str, Any]:
         prep = context.preprocessing or {}
-        args = {"detector": options.detector, "fpn_channels": options.fpn_channels, "scale_jitter": options.scale_jitter,
+        args = {"detector": options.family, "fpn_channels": options.fpn_channels, "scale_jitter": options.scale_jitter,
                 "freeze_bn": options.freeze_bn, "tv_detector": options.tv_detector, "coco": options.coco}
         if prep:
             args.update(img_size=int(prep["img_size"]), mean=tuple(prep["mean"]), std=tuple(prep["std"]))

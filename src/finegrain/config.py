@@ -45,6 +45,8 @@ class DataConfig:
     cutmix: float = _f(0.0, "CutMix alpha (0 turns it off)")
     mixup: float = _f(0.0, "MixUp alpha (0 turns it off)")
     mix_prob: float = _f(0.5, "probability that a batch gets CutMix/MixUp when either is on")
+    random_erase: float = _f(0.0, "random erasing probability per training image (Zhong et al. 2017; timm's --reprob): one "
+                             "rectangle of 2-33%% of the image filled with noise, after normalisation (0 turns it off)")
     sampler: str = _f("random", "training order: random (each image once per epoch) or balanced (classes equally likely, with replacement)")
     pipeline: str = _f("auto", "where batches are decoded and augmented: cpu (per image, Pillow, in loader workers), "
                        "device (workers only read files or cache slices; decode with nvJPEG, crop/flip/jitter/normalise "
@@ -74,6 +76,8 @@ class DataConfig:
             raise ValueError(f"--scale-min must be in (0, 1], got {self.scale_min}")
         if self.cutmix < 0 or self.mixup < 0:
             raise ValueError("--cutmix and --mixup are Beta alphas and must be >= 0")
+        if not 0.0 <= self.random_erase <= 1.0:
+            raise ValueError(f"--random-erase is a probability and must be in [0, 1], got {self.random_erase}")
         self._check_crop()
 
     def _check_crop(self) -> None:

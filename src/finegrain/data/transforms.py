@@ -85,6 +85,31 @@ def eval_transform(
     )
 
 
+class BatchEraser:
+    """Random erasing (Zhong et al. 2017, arXiv:1708.04896) of each image of a normalised batch, independently.
+
+    With probability ``prob`` an image gets one rectangle of 2-33% of its area (aspect ratio
+    0.3-3.3) filled with per-pixel normal noise: the settings of the paper and of timm's
+    ``--reprob`` in ``pixel`` mode. The batch is erased in place on its device (its memory
+    layout is kept), with torch's random generator (so a resumed run repeats it), before
+    CutMix/MixUp, as timm erases in the loader before mixing.
+    """
+
+    def __init__(self, prob: float = 0.0):
+        self.prob = prob
+        self.op = v2.RandomErasing(p=prob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random") if prob > 0 else None
+
+    @property
+    def active(self) -> bool:
+        return self.op is not None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.op is not None:
+            for i in range(len(images)):
+                images[i] = self.op(images[i])
+        return images
+
+
 class BatchMixer:
     """Apply CutMix or MixUp to a whole batch with probability ``prob``.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finegrain.data.transforms import BatchMixer, normalize_batch
+from finegrain.data.transforms import BatchEraser, BatchMixer, normalize_batch
 
 
 class NoImagesError(ValueError):
@@ -83,6 +83,7 @@ def train_one_epoch(
     device: torch.device,
     forward: Callable | None = None,
     mixer: BatchMixer | None = None,
+    eraser: BatchEraser | None = None,
     accum_steps: int = 1,
     clip_grad: float = 0.0,
     ema=None,
@@ -99,6 +100,9 @@ def train_one_epoch(
     ``image`` (a tensor, or a list of tensors of different sizes) and ``label`` and/or
     per-image ``targets``; the task's forward returns at least ``loss`` (``logits`` too for
     classifiers, which the accuracy is computed from).
+
+    ``eraser`` (a :class:`~finegrain.data.transforms.BatchEraser`) erases rectangles of the
+    normalised batch before ``mixer`` mixes it.
 
     With ``adversarial`` (an :class:`~finegrain.train.adversarial.AdversarialTraining`) part of
     each batch is replaced, after CutMix/MixUp, by adversarial examples of ``task`` against the
@@ -123,6 +127,8 @@ def train_one_epoch(
         images = to_device(batch["image"], device, channels_last, normalize)
         labels = batch["label"].to(device, non_blocking=True) if batch.get("label") is not None else None
         target = labels
+        if eraser is not None and eraser.active and torch.is_tensor(images):
+            images = eraser(images)
         if mixer is not None and mixer.active and torch.is_tensor(images):
             images, target = mixer(images, labels)
         if adversarial is not None:

@@ -22,7 +22,7 @@ from finegrain.data.dataset import ImageDataset, check_annotations, check_files,
 from finegrain.data.device import DeviceAugment, DevicePrefetcher, EncodedImageDataset, collate_device, device_batch, eval_batches
 from finegrain.data.sampler import epoch_batches
 from finegrain.data.split import load_split, save_split, stratified_split
-from finegrain.data.transforms import AUGMENTS, BatchMixer, eval_transform, train_transform
+from finegrain.data.transforms import AUGMENTS, BatchEraser, BatchMixer, eval_transform, train_transform
 from finegrain.models.backbone import create_backbone
 from finegrain.tasks import TASKS, BuildContext
 from finegrain.train import distributed as dist_
@@ -204,6 +204,7 @@ def _setup(plan: Plan, task, images: ImageList, train_idx: list[int], val_idx: l
         validate=functools.partial(_validate, val_set=val_set, plan=plan) if len(val_set) else None,
         metric=plan.task_cls.selection_metric, forward=_forward(plan, task), ema=ema,
         mixer=BatchMixer(len(images.classes), cutmix=cfg.data.cutmix, mixup=cfg.data.mixup, prob=cfg.data.mix_prob),
+        eraser=BatchEraser(cfg.data.random_erase),
         step=StepConfig(accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad, amp=cfg.train.amp,
                         channels_last=cfg.train.channels_last, normalize=(prep["mean"], prep["std"]),
                         adversarial=adversarial_training(cfg.train, task, (prep["mean"], prep["std"]))),

@@ -81,6 +81,7 @@ class TrainSetup:
     metric: str = "val_top1"
     forward: Callable | None = None
     mixer: Any = None
+    eraser: Any = None
     ema: Any = None
     step: StepConfig = field(default_factory=StepConfig)
     on_epoch_start: Callable[[int], None] | None = None
@@ -190,7 +191,7 @@ class Trainer:
 
             s = setup.step
             tr = train_one_epoch(setup.module, loader, setup.optimizer, setup.scheduler, device=self.device,
-                                 forward=setup.forward, mixer=setup.mixer, accum_steps=s.accum_steps, clip_grad=s.clip_grad,
+                                 forward=setup.forward, mixer=setup.mixer, eraser=setup.eraser, accum_steps=s.accum_steps, clip_grad=s.clip_grad,
                                  ema=setup.ema, amp=s.amp, channels_last=s.channels_last, normalize=s.normalize,
                                  adversarial=s.adversarial, on_step=on_step)
         tr = _reduce_train(self.world, tr, self.device)

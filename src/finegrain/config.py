@@ -123,6 +123,8 @@ class TrainConfig:
     optimizer: str = _f("adamw", "sgd, adamw, adam or rmsprop")
     lr: float = _f(5e-3, "learning rate of the head, for --batch-size 32 (scaled linearly with the effective batch)")
     backbone_lr_mult: float = _f(0.1, "the backbone's learning rate is lr times this")
+    layer_decay: float = _f(1.0, "layer-wise learning-rate decay: the backbone layer i of L also gets this ** (L - 1 - i), "
+                            "the stem least (timm's --layer-decay; 1 turns it off)")
     weight_decay: float = _f(0.05, "weight decay (not applied to norms and biases)")
     momentum: float = _f(0.9, "SGD/RMSprop momentum")
     warmup_epochs: float = _f(0.5, "linear warmup length in epochs, then cosine decay to zero")
@@ -173,6 +175,8 @@ class TrainConfig:
             CLASS_WEIGHTS.check(self.class_weights, "--class-weights")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if self.ema and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
         self._check_adversarial()

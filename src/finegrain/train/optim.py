@@ -22,35 +22,52 @@ OPTIMIZERS.add("rmsprop", lambda groups, lr, cfg, **kw: torch.optim.RMSprop(grou
                                                                             eps=1e-3), fused=False)
 
 
-def param_groups(task: nn.Module, *, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict]:
-    """Four groups: {pretrained, new} x {decayed, not decayed}.
+def param_groups(task: nn.Module, *, lr: float, backbone_lr_mult: float, weight_decay: float,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """Groups of {pretrained, new} x {decayed, not decayed} parameters (x the backbone's layers with ``layer_decay``).
 
     Norm weights, biases and other 1-D parameters get no weight decay; pretrained backbone
     parameters get ``lr * backbone_lr_mult``; new parameters (classifier, method heads) get ``lr``.
+    With ``layer_decay`` < 1 (layer-wise learning-rate decay, Clark et al. 2020 arXiv:2003.10555,
+    Bao et al. 2021 arXiv:2106.08254) a pretrained parameter of layer ``i`` of ``L`` also gets the
+    factor ``layer_decay ** (L - 1 - i)``: the layers as timm's ``group_matcher`` numbers them, the
+    stem first, so layers near the input move least (timm's ``param_groups_layer_decay``).
     """
     new = task.new_parameter_names() if hasattr(task, "new_parameter_names") else set()
-    groups: dict[tuple[bool, bool], list] = {}
+    layer_of, last = _backbone_layers(task) if layer_decay != 1.0 else ({}, 0)
+    groups: dict[tuple[bool, bool, int], list] = {}
     for name, p in task.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.endswith(".bias")
-        groups.setdefault((name in new, no_decay), []).append(p)
+        layer = last if name in new else layer_of.get(name, last)
+        groups.setdefault((name in new, no_decay, layer), []).append(p)
     out = []
-    for (is_new, no_decay), params in sorted(groups.items()):
-        out.append(
-            {
-                "params": params,
-                "lr": lr if is_new else lr * backbone_lr_mult,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "name": f"{'new' if is_new else 'backbone'}{'_no_decay' if no_decay else ''}",
-            }
-        )
+    for (is_new, no_decay, layer), params in sorted(groups.items()):
+        scale = 1.0 if is_new else backbone_lr_mult * layer_decay ** (last - layer)
+        suffix = f"_layer{layer}" if layer_of and not is_new else ""
+        out.append({"params": params, "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": f"{'new' if is_new else 'backbone'}{'_no_decay' if no_decay else ''}{suffix}"})
     return out
+
+
+def _backbone_layers(task: nn.Module) -> tuple[dict[str, int], int]:
+    """``({task parameter name: layer id}, last layer id)`` of the task's timm backbone, from its ``group_matcher``."""
+    from timm.models import group_parameters
+
+    model = getattr(task, "model", task)
+    if not hasattr(model, "group_matcher"):
+        raise ValueError(f"--layer-decay needs a backbone that numbers its layers (timm's group_matcher); "
+                         f"{type(model).__name__} does not: drop --layer-decay")
+    layers = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    prefix = "model." if model is not task else ""
+    return {prefix + n: int(i) for n, i in layers.items()}, int(max(layers.values()))
 
 
 def build_optimizer(task: nn.Module, cfg: TrainConfig, *, lr: float, fused: bool = False) -> torch.optim.Optimizer:
     """The ``cfg.optimizer`` optimizer over :func:`param_groups`; ``fused`` asks for the fused CUDA kernel where there is one."""
-    groups = param_groups(task, lr=lr, backbone_lr_mult=cfg.backbone_lr_mult, weight_decay=cfg.weight_decay)
+    groups = param_groups(task, lr=lr, backbone_lr_mult=cfg.backbone_lr_mult, weight_decay=cfg.weight_decay,
+                          layer_decay=cfg.layer_decay)
     kw = {"fused": True} if fused and OPTIMIZERS.info(cfg.optimizer)["fused"] else {}
     return OPTIMIZERS.get(cfg.optimizer)(groups, lr, cfg, **kw)
 

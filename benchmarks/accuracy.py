@@ -13,6 +13,8 @@ number of epochs and are tested once on the official test split.
 
 Usage: python benchmarks/accuracy.py --epochs 30 --seeds 0 1 2   (the issue's budget; use the GPU)
        python benchmarks/accuracy.py --epochs 3 --seeds 0 1 2    (the reduced CPU budget)
+       python benchmarks/accuracy.py --merge A.json B.json --name accuracy-3ep   (one table of the seeds of
+           earlier runs of this script with the same epochs, e.g. seeds run in two sessions)
 """
 
 from __future__ import annotations
@@ -40,17 +42,21 @@ DATA = SHARED / "cub50"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def run_finegrain(seed: int, epochs: int, workers: int, out: str, **train) -> dict:
+def run_finegrain(seed: int, epochs: int, workers: int, out: str, overrides: dict | None = None) -> dict:
+    """The default recipe, with ``overrides`` (``{"train.ema": True, "data.random_erase": 0.25}``) of its config fields."""
     cfg = RunConfig(
         DataConfig(data=str(DATA), img_size=224, batch_size=32, workers=workers),
         ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS)),
-        TrainConfig(epochs=epochs, seed=seed, out=out, name=f"finegrain-seed{seed}-{int(time.time())}", **train),
+        TrainConfig(epochs=epochs, seed=seed, out=out, name=f"finegrain-seed{seed}-{int(time.time())}"),
     )
+    for key, value in (overrides or {}).items():
+        section, field = key.split(".", 1)
+        setattr(getattr(cfg, section), field, value)
     t0 = time.perf_counter()
     result = fit(cfg)
     m = evaluate(result.best_checkpoint, str(DATA), split="test", workers=workers, precision="fp32")  # the baseline tests in fp32
     return {"top1": m["top1"], "mean_per_class_acc": m["mean_per_class_acc"], "seconds": time.perf_counter() - t0,
-            "best_epoch": result.best_epoch}
+            "best_epoch": result.best_epoch, "val_top1": result.best_metric}  # choose recipes on val_top1, never on top1
 
 
 def run_baseline(seed: int, epochs: int, workers: int) -> dict:
@@ -88,8 +94,10 @@ def run_baseline(seed: int, epochs: int, workers: int) -> dict:
 
 def summarise(name: str, runs: list[dict]) -> dict:
     out = {"recipe": name, "runs": runs}
-    for k in ("top1", "mean_per_class_acc", "seconds"):
-        vals = [r[k] for r in runs]
+    for k in ("top1", "mean_per_class_acc", "seconds", "val_top1"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        if not vals:
+            continue
         out[f"{k}_mean"] = statistics.mean(vals)
         out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return out
@@ -106,7 +114,14 @@ def main() -> None:
                     help="which recipes to run (e.g. only finegrain, to check that a change keeps its numbers)")
     ap.add_argument("--reuse-baseline", default=None,
                     help="take the baseline runs from an earlier results JSON of this script (same epochs and seeds) instead of re-running them")
+    ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="change the finegrain recipe, e.g. train.ema=true data.random_erase=0.25 train.layer_decay=0.8 "
+                         "(the values are read as YAML); the results name the changes")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="train nothing: put together the runs of earlier results files of this script (same epochs, other seeds)")
     args = ap.parse_args()
+    if args.merge:
+        return report(args, *merge_results(args.merge))
     if not DATA.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {DATA} and {WEIGHTS} (set FINEGRAIN_SHARED_DATA)")
     results = []
@@ -118,7 +133,8 @@ def main() -> None:
         if prev["epochs"] != args.epochs or prev["seeds"] != args.seeds:
             raise SystemExit(f"{args.reuse_baseline} has epochs {prev['epochs']} seeds {prev['seeds']}; rerun the baseline")
         reused = next(r for r in prev["results"] if r["recipe"] == "baseline")
-    for name, fn in (("finegrain", lambda s: run_finegrain(s, args.epochs, args.workers, args.out)),
+    overrides = parse_overrides(args.set)
+    for name, fn in (("finegrain", lambda s: run_finegrain(s, args.epochs, args.workers, args.out, overrides)),
                      ("baseline", lambda s: run_baseline(s, args.epochs, args.workers))):
         if name not in args.recipes:
             continue
@@ -130,18 +146,61 @@ def main() -> None:
             r = fn(seed)
             print(f"{name} seed {seed}: top-1 {r['top1']:.2f} mean per-class {r['mean_per_class_acc']:.2f} ({r['seconds']:.0f} s)", flush=True)
             runs.append({"seed": seed, **r})
-        results.append(summarise(name, runs))
+        results.append({**summarise(name, runs), **({"overrides": overrides} if name == "finegrain" and overrides else {})})
+    report(args, results, args.epochs, args.seeds)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.ema=true"]`` -> ``{"train.ema": True}``; refuses a field the recipe's configs do not have."""
+    import dataclasses
+
+    import yaml
+
+    sections = {"data": DataConfig, "train": TrainConfig}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, _, field = key.partition(".")
+        if not sep or section not in sections or field not in {f.name for f in dataclasses.fields(sections[section])}:
+            raise SystemExit(f"--set {item!r}: expected data.FIELD=VALUE or train.FIELD=VALUE with a field of DataConfig/TrainConfig")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def merge_results(paths: list[str]) -> tuple[list[dict], int, list[int]]:
+    """The runs of each recipe in ``paths`` (results files of this script), summarised again; refuses mixed budgets or a seed twice."""
+    import json
+
+    files = [json.loads(open(p).read()) for p in paths]
+    epochs = {f["epochs"] for f in files}
+    if len(epochs) != 1:
+        raise SystemExit(f"the files have different epochs {sorted(epochs)}; merge only runs of one budget")
+    by_recipe: dict[str, list[dict]] = {}
+    for path, f in zip(paths, files):
+        for r in f["results"]:
+            runs = by_recipe.setdefault(r["recipe"], [])
+            if {x["seed"] for x in runs} & {x["seed"] for x in r["runs"]}:
+                raise SystemExit(f"{path} repeats a seed of {r['recipe']} that another file holds")
+            runs += [{**x, "source": path} for x in r["runs"]]
+    results = [summarise(name, sorted(runs, key=lambda x: x["seed"])) for name, runs in by_recipe.items()]
+    seeds = sorted({x["seed"] for runs in by_recipe.values() for x in runs})
+    return results, epochs.pop(), seeds
+
+
+def report(args, results: list[dict], epochs: int, seeds: list[int]) -> None:
+    """Print the table and the gain, and write the results file."""
     rows = [{"recipe": r["recipe"], "top-1": f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}",
              "mean per-class": f"{r['mean_per_class_acc_mean']:.2f} ± {r['mean_per_class_acc_std']:.2f}",
+             "val top-1": f"{r['val_top1_mean']:.2f}" if "val_top1_mean" in r else "-",
              "wall s/run": r["seconds_mean"]} for r in results]
-    print_table(rows, ["recipe", "top-1", "mean per-class", "wall s/run"])
-    gain = results[0]["top1_mean"] - results[1]["top1_mean"] if len(results) == 2 else None
+    print_table(rows, ["recipe", "top-1", "mean per-class", "val top-1", "wall s/run"])
+    gain = results[0]["top1_mean"] - results[1]["top1_mean"] if len(results) == 2 else None  # finegrain - baseline
     if gain is not None:
         print(f"finegrain - baseline: {gain:+.2f} top-1 points")
     path = write_results(args.name, {"data": "cub50 (50 CUB-200-2011 species, 1449 train / 1500 test, 227 px copies)",
                                       "backbone": "efficientnet_lite0 (ImageNet-1k weights)", "img_size": 224,
-                                      "epochs": args.epochs, "seeds": args.seeds,
-                                      "budget": "full (issue: 30 epochs)" if args.epochs >= 30 else f"reduced: {args.epochs} epochs",
+                                      "epochs": epochs, "seeds": seeds,
+                                      "budget": "full (issue: 30 epochs)" if epochs >= 30 else f"reduced: {epochs} epochs",
                                       "results": results, "top1_gain": gain})
     print(f"wrote {path}")
 

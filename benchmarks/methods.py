@@ -1,35 +1,47 @@
-"""Same short budget for each fine-grained method on flowers12 (EfficientNet-Lite0, ImageNet weights).
+"""Rank the fine-grained methods against the plain fine-tune (EfficientNet-Lite0, ImageNet weights).
 
-Each method fine-tunes from the same weights with ``fit`` (same recipe, seed and split), then is
-tested once on the test split through ``evaluate`` (i.e. ``task.predict``). The budget is tiny
-(default 1 epoch on a shared 2-core CPU): it checks that every method trains end to end on real
-data and what it costs; it does not rank the methods. Methods that cannot run here are listed
-in the results with the reason (TransFG needs a ViT and no ViT weights are available offline;
-the strongly supervised part model needs CUB's box and part files, which the shared copies lack).
+Every method, and ``plain`` (the ``supervised`` task: the backbone and a linear head), fine-tunes
+from the same weights with ``fit`` and the default recipe, on the same images, budget and seeds,
+and is tested once on the whole test split through ``evaluate`` (``task.predict``), in fp32. The
+last epoch is tested (no validation split is carved: every training image trains).
 
-``--train-per-class N`` trains on the first N training images of each class (a CSV listing the
-shared images, written to a temporary folder) to fit a shared CPU's time budget; the test split
-is always complete.
+A method's gain is paired by seed: ``top1(method, seed) - top1(plain, seed)``, then averaged. The
+verdict is "beats plain" or "loses to plain" only when every seed's difference has that sign
+(and there are at least two seeds), "within seed noise" otherwise. The table is sorted by mean
+top-1. Results are written after every run; ``--resume`` skips the (method, seed) pairs that the
+results file already holds for the same budget, so a long run can stop and go on.
 
-Usage: python benchmarks/methods.py --epochs 1 --img-size 96 --train-per-class 20 [--methods fgvc-avg racnn-s2 ...]
+Methods that cannot run are listed with the reason (TransFG needs a ViT and no ViT weights are
+available offline; the strongly supervised part model needs CUB's box and part files, which
+``cub50`` and ``flowers12`` lack).
+
+``--train-per-class N`` trains on the first N training images of each class to fit a small
+budget; the test split is always complete.
+
+Usage: python benchmarks/methods.py --data cub50 --epochs 1 --seeds 0 1 [--methods plain fgvc-se ...] [--resume]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from _common import SHARED, print_table, write_results
-from finegrain import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, fit
+from _common import RESULTS, SHARED, machine_name, print_table, write_results
+from finegrain import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, fit, open_dataset
 
 WEIGHTS = SHARED / "weights" / "efficientnet_lite0.in1k.safetensors"
-DATA = SHARED / "flowers12"
+DATASETS = {
+    "cub50": (SHARED / "cub50", "cub50 (50 CUB-200-2011 species, 1449 train / 1500 test, 227 px copies)"),
+    "flowers12": (SHARED / "flowers12", "flowers12 (12 Oxford flower species, 720 train / 240 test)"),
+}
 METHODS = {  # name -> (task, the task's options)
+    "plain": ("supervised", {}),
     "fgvc-avg": ("fgvc", {}),
     "fgvc-se": ("fgvc", {"attention": "se"}),
     "fgvc-dual": ("fgvc", {"attention": "dual"}),
@@ -47,70 +59,146 @@ NOT_RUN = {
                "and a randomly initialised ViT at this budget says nothing",
     "parts": "needs CUB's bounding_boxes.txt and parts/part_locs.txt; flowers12 and the shared cub50 copy have neither",
 }
-COLUMNS = ["method", "top1", "mean_per_class_acc", "train_img_s", "test_img_s", "params_m"]
+COLUMNS = ["rank", "method", "top1", "gain vs plain", "per-seed gain", "verdict", "train img/s", "test img/s", "params M"]
 
 
-def _subset_csv(folder: str, per_class: int) -> Path:
+def subset_csv(data: Path, per_class: int, folder: str) -> Path:
     """A ``path,label,split`` CSV: the first ``per_class`` training images of each class and every test image."""
     rows = ["path,label,split"]
     for split in ("train", "test"):
-        for cls in sorted(d.name for d in (DATA / split).iterdir() if d.is_dir()):
-            files = sorted((DATA / split / cls).iterdir())
-            rows += [f"{f},{cls},{split}" for f in (files[:per_class] if split == "train" else files)]
-    path = Path(folder) / "flowers12-subset.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+        images = open_dataset(data, split)
+        taken: dict[int, int] = {}
+        for path, label in zip(images.paths, images.labels):
+            if split == "train" and taken.get(label, 0) >= per_class:
+                continue
+            taken[label] = taken.get(label, 0) + 1
+            rows.append(f"{path},{images.classes[label]},{split}")
+    out = Path(folder) / f"{data.name}-subset.csv"
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+def run_one(name: str, seed: int, data: Path, args, tmp: str) -> dict:
+    """Fine-tune method ``name`` with ``seed`` and test it; the run's numbers."""
+    from finegrain.checkpoint import load_task
+
+    task, options = METHODS[name]
+    cfg = RunConfig(
+        DataConfig(data=str(data), img_size=args.img_size, batch_size=args.batch_size, workers=1,
+                   val_fraction=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS), task=task, options=dict(options)),
+        TrainConfig(epochs=args.epochs, device="cpu", out=tmp, name=f"{name}-seed{seed}", seed=seed),  # the default recipe
+    )
+    t0 = time.perf_counter()
+    result = fit(cfg)
+    train_s = time.perf_counter() - t0
+    epochs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    model, _ = load_task(result.best_checkpoint, "cpu")
+    params = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    m = evaluate(result.best_checkpoint, data, split="test", workers=1, device="cpu", precision="fp32",
+                 out_dir=f"{tmp}/{name}-seed{seed}-eval")
+    test_s = time.perf_counter() - t0
+    seconds = sum(r["epoch_seconds"] for r in epochs)
+    return {"method": name, "seed": seed, "task": task, "options": options, "top1": m["top1"],
+            "mean_per_class_acc": m["mean_per_class_acc"], "images": m["n"],
+            "train_img_s": round(sum(r["images_per_s"] * r["epoch_seconds"] for r in epochs) / seconds, 2),
+            "test_img_s": round(m["n"] / test_s, 2), "params_m": round(params / 1e6, 2),
+            "train_s": round(train_s, 1), "test_s": round(test_s, 1)}
+
+
+def rank(runs: list[dict]) -> list[dict]:
+    """One row per method: mean +- std top-1 over seeds, and the gain over ``plain`` paired by seed."""
+    plain = {r["seed"]: r["top1"] for r in runs if r["method"] == "plain"}
+    rows = []
+    for name in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == name]
+        top1 = [r["top1"] for r in mine]
+        gains = [r["top1"] - plain[r["seed"]] for r in mine if r["seed"] in plain]
+        row = {"method": name, "seeds": [r["seed"] for r in mine], "top1_mean": statistics.mean(top1),
+               "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+               "gains": gains, "gain_mean": statistics.mean(gains) if gains else None,
+               "train_img_s": statistics.mean(r["train_img_s"] for r in mine),
+               "test_img_s": statistics.mean(r["test_img_s"] for r in mine), "params_m": mine[0]["params_m"]}
+        row["verdict"] = verdict(name, gains)
+        rows.append(row)
+    rows.sort(key=lambda r: -r["top1_mean"])
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def verdict(name: str, gains: list[float]) -> str:
+    if name == "plain":
+        return "the reference"
+    if len(gains) < 2:
+        return "one seed: no verdict"
+    if all(g > 0 for g in gains):
+        return "beats plain"
+    if all(g < 0 for g in gains):
+        return "loses to plain"
+    return "within seed noise"
+
+
+def _table_row(r: dict) -> dict:
+    gain = "" if r["method"] == "plain" or r["gain_mean"] is None else f"{r['gain_mean']:+.2f}"
+    return {"rank": r["rank"], "method": r["method"], "top1": f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}",
+            "gain vs plain": gain, "per-seed gain": " ".join(f"{g:+.1f}" for g in r["gains"]) if r["method"] != "plain" else "",
+            "verdict": r["verdict"], "train img/s": r["train_img_s"], "test img/s": r["test_img_s"], "params M": r["params_m"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="cub50", choices=tuple(DATASETS))
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--train-per-class", type=int, default=0, help="train on this many images per class (0: all 60)")
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--train-per-class", type=int, default=0, help="train on this many images per class (0: all)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
+    ap.add_argument("--resume", action="store_true", help="keep the runs of an earlier results file with the same budget")
     args = ap.parse_args()
+    if "plain" not in args.methods:
+        args.methods = ["plain", *args.methods]  # every gain is measured against it
     torch.set_num_threads(args.threads)
-    from finegrain.checkpoint import load_task
-
-    rows = []
-    payload = {"budget": vars(args), "backbone": "efficientnet_lite0 (in1k weights)",
-               "data": "flowers12 (720 train / 240 test)", "not_run": NOT_RUN, "rows": rows}
+    data, described = DATASETS[args.data]
+    budget = {k: getattr(args, k) for k in ("data", "epochs", "img_size", "batch_size", "train_per_class")}
+    name = f"methods-{args.data}"
+    runs = _earlier_runs(name, budget) if args.resume else []
+    payload = {"budget": {**budget, "seeds": args.seeds, "threads": args.threads,
+                          "recipe": "finegrain's default (AdamW, backbone lr x0.1, warmup + cosine, label smoothing 0.1), "
+                                    "last epoch tested, fp32 test"},
+               "backbone": "efficientnet_lite0 (in1k weights), mean = std = 0.5", "data": described,
+               "verdict_rule": "beats/loses to plain only when every seed's paired difference has that sign (>= 2 seeds)",
+               "not_run": NOT_RUN, "runs": runs}
     with tempfile.TemporaryDirectory() as tmp:
-        data = _subset_csv(tmp, args.train_per_class) if args.train_per_class else DATA
         if args.train_per_class:
-            payload["data"] = f"flowers12 ({args.train_per_class * 12} train (first {args.train_per_class} per class) / 240 test)"
-        for name in args.methods:
-            cfg = RunConfig(
-                DataConfig(data=str(data), img_size=args.img_size, batch_size=args.batch_size, workers=1,
-                           val_fraction=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-                ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS), task=METHODS[name][0],
-                            options=dict(METHODS[name][1])),
-                TrainConfig(epochs=args.epochs, device="cpu", out=tmp, name=name, seed=0),  # the default recipe
-            )
-            t0 = time.perf_counter()
-            result = fit(cfg)
-            train_s = time.perf_counter() - t0
-            epoch_rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-            task, _ = load_task(result.best_checkpoint, "cpu")
-            params = sum(p.numel() for p in task.parameters())
-            t0 = time.perf_counter()
-            metrics = evaluate(result.best_checkpoint, data, split="test", workers=1, device="cpu",
-                               out_dir=f"{tmp}/{name}-eval")
-            test_s = time.perf_counter() - t0
-            rows.append({"method": name, "task": METHODS[name][0], **METHODS[name][1], "top1": metrics["top1"],
-                         "mean_per_class_acc": metrics["mean_per_class_acc"],
-                         "train_img_s": round(sum(r["images_per_s"] * r["epoch_seconds"] for r in epoch_rows)
-                                              / sum(r["epoch_seconds"] for r in epoch_rows), 2),
-                         "test_img_s": round(240 / test_s, 2), "params_m": round(params / 1e6, 2),
-                         "train_s": round(train_s, 1), "test_s": round(test_s, 1)})
-            print(rows[-1], flush=True)
-            write_results("methods", payload)
-    table = rows + [{"method": n, **{c: "not run" for c in COLUMNS[1:]}} for n in NOT_RUN]
-    print_table(table, COLUMNS)
+            payload["data"] += f"; trained on the first {args.train_per_class} training images per class"
+            data = subset_csv(data, args.train_per_class, tmp)
+        for seed in args.seeds:
+            for method in args.methods:
+                if any(r["method"] == method and r["seed"] == seed for r in runs):
+                    continue
+                runs.append(run_one(method, seed, data, args, tmp))
+                print(f"{method} seed {seed}: top-1 {runs[-1]['top1']:.2f} ({runs[-1]['train_s']:.0f} s training)", flush=True)
+                payload["ranking"] = rank(runs)
+                write_results(name, payload)
+    ranking = rank(runs)
+    print_table([_table_row(r) for r in ranking], COLUMNS)
     for n, why in NOT_RUN.items():
         print(f"{n}: not run: {why}")
+
+
+def _earlier_runs(name: str, budget: dict) -> list[dict]:
+    path = RESULTS / f"{name}-{machine_name()}.json"
+    if not path.is_file():
+        return []
+    prev = json.loads(path.read_text())
+    same = all(prev["budget"].get(k) == v for k, v in budget.items())
+    if not same:
+        raise SystemExit(f"{path} has another budget ({prev['budget']}); move it away or drop --resume")
+    return prev["runs"]
 
 
 if __name__ == "__main__":

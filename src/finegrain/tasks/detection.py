@@ -109,6 +109,12 @@ TORCHVISION_DETECTORS = {  # torchvision's own detectors with COCO weights: name
 }
 
 
+def detector_family(detector: str, tv_detector: str = "") -> str:
+    """The architecture a detection task builds: the named torchvision detector's family, else ``detector``
+    (an unknown ``tv_detector`` keeps ``detector``; building it then refuses the name)."""
+    return TORCHVISION_DETECTORS.get(tv_detector, detector)
+
+
 def build_torchvision_detector(name: str, num_classes: int, *, coco: bool, min_size: tuple[int, ...], max_size: int,
                                mean, std) -> nn.Module:
     """torchvision's detector ``name`` (its own backbone and pyramid) for ``num_classes``; with ``coco`` from its COCO
@@ -196,13 +202,12 @@ class DetectionTask(Task):
         @property
         def family(self) -> str:
             """The detection architecture: that of the ``tv_detector`` when one is named, else ``detector``."""
-            return TORCHVISION_DETECTORS[self.tv_detector] if self.tv_detector else self.detector
+            return detector_family(self.detector, self.tv_detector)
 
     def __init__(self, model: nn.Module, num_classes: int, *, detector: str = "faster_rcnn", fpn_channels: int = 128,
                  img_size: int = 512, scale_jitter: float = 0.25, freeze_bn: bool = True, tv_detector: str = "", coco: bool = False,
                  mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225)):
-        if tv_detector:
-            detector = TORCHVISION_DETECTORS.get(tv_detector, detector)
+        detector = detector_family(detector, tv_detector)
         # coco is a starting point: a checkpoint holds the trained weights, so rebuilding it downloads nothing
         self._args = {"detector": detector, "fpn_channels": fpn_channels, "img_size": img_size, "scale_jitter": scale_jitter,
                       "freeze_bn": freeze_bn, "tv_detector": tv_detector, "coco": False, "mean": list(mean), "std": list(std)}

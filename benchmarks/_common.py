@@ -42,7 +42,9 @@ def machine_info() -> dict:
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{machine_name()}.json"
-    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=1))
+    tmp = path.with_suffix(".json.tmp")  # a crash mid-write leaves the previous results whole
+    tmp.write_text(json.dumps({"machine": machine_info(), **payload}, indent=1))
+    os.replace(tmp, path)
     return path
 
 

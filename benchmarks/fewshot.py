@@ -20,18 +20,21 @@ of the model: ImageNet mean/std, bicubic, crop 0.875), in every row.
 MAML is not run: it adapts the whole network for 10 inner steps on every test episode, which at
 224 px on a 2-core CPU costs minutes per episode.
 
-Usage: python benchmarks/fewshot.py [--epochs 1] [--episodes 600]
+Usage: python benchmarks/fewshot.py [--epochs 1] [--episodes 600] [--norm half]
+       python benchmarks/fewshot.py --methods relationnet --update   (re-run one method; the other rows are
+           kept from the results file when its data, budget and normalisation are the same)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 
 import torch
 
-from _common import SHARED, print_table, write_results
+from _common import RESULTS, SHARED, machine_name, print_table, write_results
 from finegrain.fewshot.run import evaluate_fewshot, fit_episodic, open_all_images
 from finegrain.fewshot.sampler import split_classes
 
@@ -44,13 +47,15 @@ METHODS = {  # row name -> (method, its options, has a frozen row)
     "baseline": ("baseline", {"head": "linear"}, True),
     "baseline++": ("baseline", {"head": "cosine"}, True),
 }
+NORMS = {"timm": (None, None), "half": ((0.5,) * 3, (0.5,) * 3)}  # the model's pretrained config; mean = std = 0.5
 NOT_RUN = {"maml": "adapts the whole Lite0 for 10 inner steps on every test episode: minutes per episode on this CPU"}
 
 
 def frozen(name: str, args) -> list[dict]:
     method, options, _ = METHODS[name]
     r = evaluate_fewshot(DATA, backbone="efficientnet_lite0", pretrained=str(WEIGHTS), method=method, method_args=options,
-                         split="novel", k_shots=(1, 5), episodes=args.episodes, img_size=args.img_size, device="cpu", **SPLIT)
+                         split="novel", k_shots=(1, 5), episodes=args.episodes, img_size=args.img_size, device="cpu",
+                         mean=NORMS[args.norm][0], std=NORMS[args.norm][1], **SPLIT)
     return [{"method": name, "init": "frozen ImageNet", **_row(x)} for x in r["results"]]
 
 
@@ -59,7 +64,8 @@ def trained(name: str, args, tmp: str, base_images: int) -> list[dict]:
     t0 = time.perf_counter()
     run = fit_episodic(DATA, out=f"{tmp}/{name}", method=method, backbone="efficientnet_lite0", pretrained=str(WEIGHTS),
                        n_way=5, k_shot=5, q_query=15, episodes=max(1, base_images // 100), epochs=args.epochs,
-                       val_episodes=0, img_size=args.img_size, optimizer="adamw", lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.05,
+                       val_episodes=0, img_size=args.img_size, mean=NORMS[args.norm][0], std=NORMS[args.norm][1],
+                       optimizer="adamw", lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.05,
                        batch_size=32, method_args=options, device="cpu", **SPLIT)
     train_s = time.perf_counter() - t0
     r = evaluate_fewshot(DATA, checkpoint=run["best_checkpoint"], split="novel", k_shots=(1, 5), episodes=args.episodes,
@@ -72,6 +78,16 @@ def _row(r: dict) -> dict:
     return {"shots": r["k_shot"], "acc": r["acc"], "ci95": r["ci95"], "episodes": r["episodes"]}
 
 
+def _kept_rows(name: str, payload: dict, methods: list[str]) -> list[dict]:
+    """The earlier results' rows of the methods not in ``methods``; refused when the setting differs."""
+    path = RESULTS / f"{name}-{machine_name()}.json"
+    old = json.loads(path.read_text())
+    differs = [k for k in ("data", "backbone", "budget") if old.get(k) != payload[k]]
+    if differs:
+        raise SystemExit(f"--update: {path} has another {', '.join(differs)}; run every method instead")
+    return [r for r in old["results"] if r["method"] not in methods]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--episodes", type=int, default=600)
@@ -79,6 +95,10 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=224, help="image size of every row (224: the weights' own)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
+    ap.add_argument("--norm", default="timm", choices=tuple(NORMS),
+                    help="input normalisation: timm (the model's pretrained config: ImageNet mean/std) or half (mean = std = 0.5)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows of the methods not run from the existing results file (same data, budget, normalisation)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     images = open_all_images(DATA)
@@ -88,18 +108,24 @@ def main() -> None:
     payload = {"data": f"cub50 split by class-id order: base {len(splits['base'])} classes ({base_images} images), "
                        f"val {len(splits['val'])}, novel {len(splits['novel'])} (all their train+test images); "
                        "5-way, 15 queries per class",
-               "backbone": f"efficientnet_lite0, ImageNet weights (shared/data/weights), {args.img_size} px, timm preprocessing",
+               "backbone": f"efficientnet_lite0, ImageNet weights (shared/data/weights), {args.img_size} px, timm preprocessing"
+                           + ("" if args.norm == "timm" else " with mean = std = 0.5"),
                "budget": f"{args.episodes} test episodes per row (seed 0, the same for every row); base training "
                          f"{args.epochs} epoch(s), one training seed",
                "not_run": NOT_RUN, "results": rows}
+    name = "fewshot" if args.norm == "timm" else f"fewshot-norm-{args.norm}"
+    if args.update:
+        rows += _kept_rows(name, payload, args.methods)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.methods:
-            if METHODS[name][2]:
-                rows += frozen(name, args)
-                write_results("fewshot", payload)
-            rows += trained(name, args, tmp, base_images)
+        for method in args.methods:
+            if METHODS[method][2]:
+                rows += frozen(method, args)
+                write_results(name, payload)
+            rows += trained(method, args, tmp, base_images)
             print(rows[-1], flush=True)
-            write_results("fewshot", payload)
+            write_results(name, payload)
+    rows.sort(key=lambda r: list(METHODS).index(r["method"]))  # kept rows back in method order
+    write_results(name, payload)
     print_table([{**r, "acc": f"{r['acc']:.2f} ± {r['ci95']:.2f}"} for r in rows], ["method", "init", "shots", "acc", "episodes"])
     for n, why in NOT_RUN.items():
         print(f"{n}: not run: {why}")

@@ -136,3 +136,64 @@ def test_baseline_plus_plus_trains_the_base_classes_with_the_cosine_classifier()
     assert [n for n, p in task.named_parameters() if p.grad is None] == []
     linear = BaselineTask(create_backbone("conv4", num_classes=4), 4, head="linear")
     assert linear.base_head is None and linear.model.num_classes == 4  # Baseline keeps the linear classifier
+
+
+class _Embeddings(nn.Module):
+    """A 'backbone' whose embedding is its input: the relation module alone learns."""
+
+    num_features = 16
+
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, x, pre_logits=True):
+        return x
+
+
+def _synthetic_episode(means: torch.Tensor, g: torch.Generator, n_way: int = 5, q: int = 10):
+    classes = torch.randperm(len(means), generator=g)[:n_way]
+    support = means[classes] + 0.5 * torch.randn(n_way, means.shape[1], generator=g)
+    query = means[classes].repeat(q, 1) + 0.5 * torch.randn(n_way * q, means.shape[1], generator=g)
+    return support, torch.arange(n_way), query, torch.arange(n_way).repeat(q)
+
+
+def _relation_accuracy_on_unseen_classes(relation_module: nn.Module | None, steps: int = 400) -> float:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(50, 16, generator=g).abs()  # non-negative, like pooled post-activation features
+    task = build_method("relationnet", _Embeddings(), n_way=5, k_shot=1)
+    if relation_module is not None:
+        task.relation_module = relation_module
+    opt = torch.optim.Adam(task.parameters(), lr=1e-3)
+    for _ in range(steps):
+        s, ys, q, yq = _synthetic_episode(means[:40], g)
+        loss = task.episode_loss(task.episode_logits(s, ys, q, 5), yq)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    task.eval()
+    with torch.no_grad():
+        hits = [(task.episode_logits(s, ys, q, 5).argmax(1) == yq).float().mean()
+                for s, ys, q, yq in (_synthetic_episode(means[40:], g) for _ in range(50))]
+    return float(torch.stack(hits).mean())
+
+
+class _UnnormalisedRelation(nn.Module):
+    """The pooled relation module finegrain had before: Linear(2C, 8) + ReLU + Linear(8, 1) + sigmoid, no batch norm."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(2 * channels, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, pairs):
+        return torch.sigmoid(self.score(pairs)).squeeze(-1)
+
+
+def test_pooled_relation_module_learns_to_compare_classes_it_has_not_seen():
+    """5-way 1-shot on synthetic embeddings of 10 held-out classes (nearest prototype: ~100%, chance: 20%).
+
+    Sung et al.'s conv-BN-ReLU blocks (here 1x1 on pooled embeddings) learn a comparison in 400
+    episodes; the BN-free module finegrain had collapsed to a constant score (cub50: 20.3%).
+    """
+    assert _relation_accuracy_on_unseen_classes(None) > 0.6
+    assert _relation_accuracy_on_unseen_classes(_UnnormalisedRelation(16)) < 0.35

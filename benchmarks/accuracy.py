@@ -56,7 +56,7 @@ def run_finegrain(seed: int, epochs: int, workers: int, out: str, overrides: dic
     result = fit(cfg)
     m = evaluate(result.best_checkpoint, str(DATA), split="test", workers=workers, precision="fp32")  # the baseline tests in fp32
     return {"top1": m["top1"], "mean_per_class_acc": m["mean_per_class_acc"], "seconds": time.perf_counter() - t0,
-            "best_epoch": result.best_epoch, "val_top1": result.best_metric}  # choose recipes on val_top1, never on top1
+            "best_epoch": result.best_epoch, "val_top1": result.best_val_top1}  # choose recipes on val_top1, never on top1
 
 
 def run_baseline(seed: int, epochs: int, workers: int) -> dict:

@@ -34,7 +34,7 @@ from finegrain import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate,
 from finegrain.data.dataset import ImageDataset, collate
 from finegrain.eval.metrics import classification_metrics
 from finegrain.models.backbone import read_state_dict
-from finegrain.train.loop import predict_loader
+from finegrain.train.loop import autocast, cpu_has_native_bf16, predict_loader
 from finegrain.utils import resolve_device
 
 WEIGHTS = SHARED / "weights" / "efficientnet_lite0.in1k.safetensors"
@@ -59,7 +59,9 @@ def run_finegrain(seed: int, epochs: int, workers: int, out: str, overrides: dic
             "best_epoch": result.best_epoch, "val_top1": result.best_val_top1}  # choose recipes on val_top1, never on top1
 
 
-def run_baseline(seed: int, epochs: int, workers: int) -> dict:
+def run_baseline(seed: int, epochs: int, workers: int, amp: bool = False) -> dict:
+    """The plain loop; ``amp``: bf16 autocast + channels_last for the training steps, as timm's ``train.py --amp
+    --channels-last`` (on the CPU only where it has native bf16); the test pass stays fp32 either way."""
     torch.manual_seed(seed)
     device = resolve_device("auto")
     train, test = open_dataset(DATA, "train"), open_dataset(DATA, "test")
@@ -67,6 +69,8 @@ def run_baseline(seed: int, epochs: int, workers: int) -> dict:
     sd = {k: v for k, v in read_state_dict(WEIGHTS).items() if not k.startswith("classifier.")}
     model.load_state_dict(sd, strict=False)
     model.to(device)
+    if amp:
+        model.to(memory_format=torch.channels_last)
     t_train = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(),
                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     t_test = v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
@@ -80,7 +84,10 @@ def run_baseline(seed: int, epochs: int, workers: int) -> dict:
         model.train()
         for batch in loader:
             x, y = batch["image"].to(device), batch["label"].to(device)
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            if amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp, cpu=True):
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -89,7 +96,12 @@ def run_baseline(seed: int, epochs: int, workers: int) -> dict:
     logits, labels, _ = predict_loader(model, DataLoader(ImageDataset(test, t_test), batch_size=64, num_workers=workers,
                                                          collate_fn=collate), device=device)
     m = classification_metrics(logits, labels, test.classes)
-    return {"top1": m["top1"], "mean_per_class_acc": m["mean_per_class_acc"], "seconds": time.perf_counter() - t0}
+    return {"top1": m["top1"], "mean_per_class_acc": m["mean_per_class_acc"], "seconds": time.perf_counter() - t0,
+            "train_precision": "bf16 autocast + channels_last" if amp and _bf16(device) else "fp32"}
+
+
+def _bf16(device: torch.device) -> bool:
+    return device.type == "cuda" or cpu_has_native_bf16()
 
 
 def summarise(name: str, runs: list[dict]) -> dict:
@@ -117,6 +129,9 @@ def main() -> None:
     ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                     help="change the finegrain recipe, e.g. train.ema=true data.random_erase=0.25 train.layer_decay=0.8 "
                          "(the values are read as YAML); the results name the changes")
+    ap.add_argument("--baseline-amp", action="store_true",
+                    help="train the plain loop with bf16 autocast + channels_last (timm's --amp --channels-last), as finegrain "
+                         "trains; off: fp32, as the earlier results files")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="train nothing: put together the runs of earlier results files of this script (same epochs, other seeds)")
     args = ap.parse_args()
@@ -135,7 +150,7 @@ def main() -> None:
         reused = next(r for r in prev["results"] if r["recipe"] == "baseline")
     overrides = parse_overrides(args.set)
     for name, fn in (("finegrain", lambda s: run_finegrain(s, args.epochs, args.workers, args.out, overrides)),
-                     ("baseline", lambda s: run_baseline(s, args.epochs, args.workers))):
+                     ("baseline", lambda s: run_baseline(s, args.epochs, args.workers, args.baseline_amp))):
         if name not in args.recipes:
             continue
         if name == "baseline" and reused is not None:

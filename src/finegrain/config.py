@@ -133,7 +133,9 @@ class TrainConfig:
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0 turns it off)")
     accum_steps: int = _f(1, "gradient accumulation steps")
     ema: bool = _f(False, "keep an exponential moving average of the weights and evaluate it")
-    ema_decay: float = _f(0.998, "EMA decay per optimizer step")
+    ema_decay: float = _f(0.998, "EMA decay per optimizer step (the largest, with --ema-warmup)")
+    ema_warmup: bool = _f(True, "grow the EMA decay as 1 - (1 + step)^(-2/3) up to --ema-decay (timm's EMA warmup), so a short "
+                                "run's average is not mostly its starting weights")
     calibrate: bool = _f(True, "after training, fit the temperature and the open-set thresholds (95%% TPR) on the validation "
                          "split and store them, with a kNN bank of training features, in best.safetensors")
     amp: bool = _f(True, "bf16 autocast for training on GPU, and on CPUs with native bf16 (AVX512-BF16/AMX); prediction on CPU stays fp32")

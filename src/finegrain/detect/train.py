@@ -23,6 +23,7 @@ from finegrain import checkpoint as ckpt
 from finegrain.config import ModelConfig, TrainConfig, _f
 from finegrain.detect.data import LABEL_MODES, DetectionList
 from finegrain.detect.dataset import DetectionDataset, collate, eval_transform, train_transform
+from finegrain.train.ema import WarmupEma
 from finegrain.utils import console, resolve_device
 
 
@@ -52,7 +53,8 @@ class DetectConfig:
     accum_steps: int = _f(1, "batches per optimizer step (gradient accumulation)")
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
     ema: bool = _f(False, "keep an exponential moving average of the weights; validation and best.safetensors use it")
-    ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
+    ema_decay: float = _f(0.9998, "EMA decay per optimizer step (the largest, with --ema-warmup)")
+    ema_warmup: bool = _f(True, "grow the EMA decay as 1 - (1 + step)^(-2/3) up to --ema-decay (timm's EMA warmup)")
     workers: int = _f(max(1, min(8, (os.cpu_count() or 2) - 1)), "data loading processes")
     seed: int = _f(0, "seed of initialisation, order and augmentation")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -170,9 +172,7 @@ def _fit(cfg: DetectConfig, options, world, dev, *, resume: bool, max_epochs: in
         validate = functools.partial(_validate, dataset=val_ds, classes=data.classes, masks=masks, device=dev, workers=cfg.workers)
     ema = None
     if cfg.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(task, decay=cfg.ema_decay)
+        ema = WarmupEma(task, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
     forward = task
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel

@@ -29,6 +29,7 @@ from finegrain.train import distributed as dist_
 from finegrain.train.adversarial import adversarial_training
 from finegrain.train.balance import class_weights
 from finegrain.train.distributed import World
+from finegrain.train.ema import WarmupEma
 from finegrain.train.logger import RunLogger
 from finegrain.train.loop import NoImagesError, predict_loader
 from finegrain.train.optim import build_optimizer, build_scheduler
@@ -193,9 +194,7 @@ def _setup(plan: Plan, task, images: ImageList, train_idx: list[int], val_idx: l
                                 warmup_steps=int(cfg.train.warmup_epochs * steps))
     ema = None
     if cfg.train.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(task, decay=cfg.train.ema_decay)
+        ema = WarmupEma(task, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
     weights = (1.0 / counts)[torch.tensor(train_set.labels)] if cfg.data.sampler == "balanced" else None
     batches, epoch_images, seeded = _train_batches(plan, images, train_idx, weights)
     prep = plan.preprocessing

@@ -50,3 +50,27 @@ def test_eval_on_a_subset_of_the_classes_scores_those_classes(trained_run, tmp_p
     for name in ("green", "red"):
         assert by_name(sub)[name]["recall"] == by_name(full)[name]["recall"]
     assert abs(sub["mean_per_class_acc"] - (by_name(full)["green"]["recall"] + by_name(full)["red"]["recall"]) / 2) < 1e-9
+
+
+def test_eval_on_the_runs_validation_split_scores_exactly_its_images(trained_run, tmp_path):
+    """``--split val`` is the run's split.json val list: the same images, each scored as Predictor scores it alone."""
+    import shutil
+
+    from finegrain.predict import Predictor
+
+    result, data = trained_run
+    out = tmp_path / "val"
+    assert main(["eval", str(result.run_dir), "--data", str(data), "--split", "val", "--workers", "0", "--device", "cpu",
+                 "--precision", "fp32", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    val = json.loads((result.run_dir / "split.json").read_text())["val"]
+    assert r["split"] == "val" and r["n"] == len(val) and not set(val) & set(json.loads((result.run_dir / "split.json").read_text())["train"])
+    answers = Predictor.from_checkpoint(result.best_checkpoint, device="cpu").predict(val, topk=1)
+    correct = sum(a["topk"][0]["class"] == path.split("/")[-2] for a, path in zip(answers, val))
+    assert abs(r["top1"] - 100.0 * correct / len(val)) < 1e-9
+
+    alone = tmp_path / "alone"  # a checkpoint away from its run folder has no split.json: refused, naming it
+    alone.mkdir()
+    shutil.copy(result.best_checkpoint, alone / "best.safetensors")
+    assert main(["eval", str(alone / "best.safetensors"), "--data", str(data), "--split", "val", "--workers", "0",
+                 "--device", "cpu"]) == 2

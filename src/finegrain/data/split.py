@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from finegrain.data.base import ImageList
+from finegrain.data.base import ImageList, open_dataset
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -53,3 +53,20 @@ def load_split(path: Path, images: ImageList) -> tuple[list[int], list[int]]:
     if missing:
         raise ValueError(f"{path} names {len(missing)} images no longer in the data (e.g. {missing[0]}); start a new run")
     return [pos[p] for p in data["train"]], [pos[p] for p in data["val"]]
+
+
+def open_run_split(run_dir: str | Path, data, split: str, dataset: str | None = None) -> ImageList:
+    """The images of ``split`` of ``data``; ``"val"``: the run's own validation images (``run_dir/split.json``).
+
+    Choosing a recipe or a test-time option on ``"val"`` keeps the test split held out.
+    """
+    if split != "val":
+        return open_dataset(data, split, dataset=dataset)
+    split_file = Path(run_dir) / "split.json"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"--split val needs {split_file} (written by finegrain train); use --split test")
+    images = open_dataset(data, "train", dataset=dataset)
+    _, val_idx = load_split(split_file, images)
+    if not val_idx:
+        raise ValueError(f"the run {run_dir} has no validation split (--val-fraction 0); use --split test")
+    return images.subset(val_idx)

@@ -8,7 +8,9 @@ def add_commands(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("--data", required=True, help="image folder, CSV or benchmark root")
     p.add_argument("--dataset", default=None, help="reader name; guessed from --data if unset")
-    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="val: the run's own validation images (split.json beside the checkpoint), to choose options without "
+                        "touching test")
     p.add_argument("--tta-flip", action="store_true", help="average with the mirrored image (named in the results)")
     p.add_argument("--out", default=None, help="output folder (default: eval-SPLIT beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from finegrain.checkpoint import resolve_checkpoint
-from finegrain.data.base import ImageList, open_dataset
+from finegrain.data.base import ImageList
 from finegrain.data.dataset import check_files
 from finegrain.data.device import eval_batches
+from finegrain.data.split import open_run_split
 from finegrain.eval.metrics import (
     classification_metrics,
     save_confusion_matrix_png,
@@ -98,7 +99,7 @@ def evaluate(
 
         return evaluate_detection(path, data, split=split, dataset=dataset, out_dir=out_dir, workers=workers, device=device)
     predictor = Predictor.from_checkpoint(path, device=device, tta_flip=tta_flip)
-    images, absent = eval_images(open_dataset(data, split, dataset=dataset), predictor.classes, data)
+    images, absent = eval_images(open_run_split(path.parent, data, split, dataset), predictor.classes, data)
     images, crop_info = eval_crops(images, predictor.meta["preprocessing"], crop=crop, margin=crop_margin, detector=detector,
                                    device=predictor.device, pipeline=pipeline)
     loader = eval_batches(images, predictor.meta["preprocessing"], predictor.device, pipeline=pipeline,

@@ -23,9 +23,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from finegrain.checkpoint import resolve_checkpoint
-from finegrain.data.base import ImageList, open_dataset
+from finegrain.data.base import ImageList
 from finegrain.data.dataset import ImageDataset, collate, load_rgb
-from finegrain.data.split import load_split
+from finegrain.data.split import open_run_split
 from finegrain.eval.evaluate import eval_images
 from finegrain.eval.metrics import (
     classification_metrics,
@@ -137,7 +137,7 @@ def build_report(
     dataset = dataset or config.get("data", {}).get("dataset")
 
     predictor = Predictor.from_checkpoint(ckpt_path, device=device)
-    images, _ = eval_images(_open_split(run_dir, data, split, dataset), predictor.classes, data)
+    images, _ = eval_images(open_run_split(run_dir, data, split, dataset), predictor.classes, data)
     ev = _evaluate(predictor, images, split, batch_size=batch_size, workers=workers)
     metrics = classification_metrics(ev.logits, torch.as_tensor(ev.labels), images.classes)
     split_text = {"test": "test split", "val": "validation split (held out of train, split.json)",
@@ -187,19 +187,6 @@ def _detector_config(ckpt_path: Path) -> dict | None:
 def _read_config(run_dir: Path) -> dict:
     path = run_dir / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-
-def _open_split(run_dir: Path, data, split: str, dataset: str | None) -> ImageList:
-    if split != "val":
-        return open_dataset(data, split, dataset=dataset)
-    split_file = run_dir / "split.json"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"--split val needs {split_file} (written by finegrain train); use --split test")
-    images = open_dataset(data, "train", dataset=dataset)
-    _, val_idx = load_split(split_file, images)
-    if not val_idx:
-        raise ValueError(f"the run {run_dir} has no validation split (--val-fraction 0); use --split test")
-    return images.subset(val_idx)
 
 
 def _logits_and_features(task: Task) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -63,8 +63,9 @@ def test_eval_on_the_runs_validation_split_scores_exactly_its_images(trained_run
     assert main(["eval", str(result.run_dir), "--data", str(data), "--split", "val", "--workers", "0", "--device", "cpu",
                  "--precision", "fp32", "--out", str(out)]) == 0
     r = json.loads((out / "results.json").read_text())
-    val = json.loads((result.run_dir / "split.json").read_text())["val"]
-    assert r["split"] == "val" and r["n"] == len(val) and not set(val) & set(json.loads((result.run_dir / "split.json").read_text())["train"])
+    saved = json.loads((result.run_dir / "split.json").read_text())
+    val = saved["val"]
+    assert r["split"] == "val" and r["n"] == len(val) and not set(val) & set(saved["train"])
     answers = Predictor.from_checkpoint(result.best_checkpoint, device="cpu").predict(val, topk=1)
     correct = sum(a["topk"][0]["class"] == path.split("/")[-2] for a, path in zip(answers, val))
     assert abs(r["top1"] - 100.0 * correct / len(val)) < 1e-9

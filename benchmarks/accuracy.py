@@ -20,8 +20,10 @@ Usage: python benchmarks/accuracy.py --epochs 30 --seeds 0 1 2   (the issue's bu
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -42,21 +44,32 @@ DATA = SHARED / "cub50"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def run_finegrain(seed: int, epochs: int, workers: int, out: str, overrides: dict | None = None) -> dict:
-    """The default recipe, with ``overrides`` (``{"train.ema": True, "data.random_erase": 0.25}``) of its config fields."""
+def run_finegrain(seed: int, epochs: int, workers: int, out: str, overrides: dict | None = None,
+                  keep_epochs: bool = False) -> dict:
+    """The default recipe, with ``overrides`` (``{"train.ema": True, "data.random_erase": 0.25}``) of its config fields;
+    ``keep_epochs``: copy every epoch's ``last.safetensors`` to ``epochs/epoch-NN.safetensors`` in the run folder, so
+    checkpoint-selection rules can be compared afterwards on the validation split (``benchmarks/selection.py``)."""
+    name = f"finegrain-seed{seed}-{int(time.time())}"
     cfg = RunConfig(
         DataConfig(data=str(DATA), img_size=224, batch_size=32, workers=workers),
         ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS)),
-        TrainConfig(epochs=epochs, seed=seed, out=out, name=f"finegrain-seed{seed}-{int(time.time())}"),
+        TrainConfig(epochs=epochs, seed=seed, out=out, name=name),
     )
     for key, value in (overrides or {}).items():
         section, field = key.split(".", 1)
         setattr(getattr(cfg, section), field, value)
     t0 = time.perf_counter()
-    result = fit(cfg)
+    result = fit(cfg, on_epoch=_keep_epoch(Path(out) / name) if keep_epochs else None)
     m = evaluate(result.best_checkpoint, str(DATA), split="test", workers=workers, precision="fp32")  # the baseline tests in fp32
     return {"top1": m["top1"], "mean_per_class_acc": m["mean_per_class_acc"], "seconds": time.perf_counter() - t0,
             "best_epoch": result.best_epoch, "val_top1": result.best_val_top1}  # choose recipes on val_top1, never on top1
+
+
+def _keep_epoch(run_dir: Path):
+    def keep(row: dict) -> None:  # called once the epoch's last.safetensors is saved
+        (run_dir / "epochs").mkdir(exist_ok=True)
+        shutil.copyfile(run_dir / "last.safetensors", run_dir / "epochs" / f"epoch-{row['epoch']:02d}.safetensors")
+    return keep
 
 
 def run_baseline(seed: int, epochs: int, workers: int, amp: bool = False) -> dict:
@@ -132,6 +145,8 @@ def main() -> None:
     ap.add_argument("--baseline-amp", action="store_true",
                     help="train the plain loop with bf16 autocast + channels_last (timm's --amp --channels-last), as finegrain "
                          "trains; off: fp32, as the earlier results files")
+    ap.add_argument("--keep-epochs", action="store_true",
+                    help="keep every epoch's weights of the finegrain runs (RUN/epochs/), for benchmarks/selection.py")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="train nothing: put together the runs of earlier results files of this script (same epochs, other seeds)")
     args = ap.parse_args()
@@ -149,7 +164,8 @@ def main() -> None:
             raise SystemExit(f"{args.reuse_baseline} has epochs {prev['epochs']} seeds {prev['seeds']}; rerun the baseline")
         reused = next(r for r in prev["results"] if r["recipe"] == "baseline")
     overrides = parse_overrides(args.set)
-    for name, fn in (("finegrain", lambda s: run_finegrain(s, args.epochs, args.workers, args.out, overrides)),
+    for name, fn in (("finegrain", lambda s: run_finegrain(s, args.epochs, args.workers, args.out, overrides,
+                                                                 args.keep_epochs)),
                      ("baseline", lambda s: run_baseline(s, args.epochs, args.workers, args.baseline_amp))):
         if name not in args.recipes:
             continue

@@ -144,6 +144,8 @@ class TrainConfig:
     compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs: static shapes, less launch overhead), "
                            "max-autotune, or max-autotune-no-cudagraphs")
     patience: int = _f(0, "stop after this many epochs without validation improvement (0 turns it off)")
+    select: str = _f("best", "which epoch best.safetensors keeps: best (highest val top-1), last, or 1se (the latest epoch within one "
+                     "standard error of the highest: the one-standard-error rule, so the split's noise does not pick an early epoch)")
     seed: int = _f(0, "seed of initialisation, shuffling and augmentation")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     out: str = _f("runs", "folder that holds run folders")
@@ -173,6 +175,10 @@ class TrainConfig:
                              f"got {self.compile_mode!r}")
         if self.accum_steps < 1:
             raise ValueError(f"--accum-steps must be at least 1, got {self.accum_steps}")
+        from finegrain.train.trainer import SELECT
+
+        if self.select not in SELECT:
+            raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {self.select!r}")
         if self.class_weights != "none":
             CLASS_WEIGHTS.check(self.class_weights, "--class-weights")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,8 +77,8 @@ def fit(cfg: RunConfig, *, max_epochs: int | None = None, on_epoch: Callable[[di
     """Train a model as ``cfg`` says and keep everything in a run folder.
 
     The validation split is carved from the training images (stratified, seeded) and saved as
-    ``split.json``; the test split is never read here. ``best.safetensors`` is the epoch with the
-    best validation top-1 (the last epoch when there is no validation split).
+    ``split.json``; the test split is never read here. ``best.safetensors`` is the epoch that
+    ``cfg.train.select`` picks on validation top-1 (the last epoch when there is no validation split).
 
     Args:
         cfg: the run configuration; with ``cfg.train.resume`` set, the saved config of that run
@@ -130,7 +131,7 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
                          config=cfg.to_dict(), hierarchy=taxonomy.to_dict() if taxonomy else None)
     setup = _setup(plan, task, images, train_idx, val_idx)
     trainer = Trainer(run_dir, epochs=cfg.train.epochs, meta=meta, device=plan.device, seed=cfg.train.seed, world=plan.world,
-                      patience=cfg.train.patience, callbacks=[on_epoch] if on_epoch else [],
+                      patience=cfg.train.patience, select=cfg.train.select, callbacks=[on_epoch] if on_epoch else [],
                       logger=RunLogger(run_dir, cfg) if plan.is_main else None)
     r = trainer.run(setup, resume=bool(cfg.train.resume), max_epochs=max_epochs)
     if cfg.train.calibrate and plan.is_main and val_idx and not r.interrupted and r.best_checkpoint is not None:
@@ -202,6 +203,7 @@ def _setup(plan: Plan, task, images: ImageList, train_idx: list[int], val_idx: l
         module=task, optimizer=optimizer, scheduler=scheduler, batches=batches, epoch_images=epoch_images,
         validate=functools.partial(_validate, val_set=val_set, plan=plan) if len(val_set) else None,
         metric=plan.task_cls.selection_metric, forward=_forward(plan, task), ema=ema,
+        standard_error=top1_standard_error if plan.task_cls.selection_metric == "val_top1" else None,
         mixer=BatchMixer(len(images.classes), cutmix=cfg.data.cutmix, mixup=cfg.data.mixup, prob=cfg.data.mix_prob),
         eraser=BatchEraser(cfg.data.random_erase),
         step=StepConfig(accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad, amp=cfg.train.amp,
@@ -292,7 +294,13 @@ def _validate(module, *, val_set: ImageList, plan: Plan) -> dict:
     if n == 0:
         raise ValueError(f"none of the {len(val_set)} validation images could be read (e.g. {skipped[0][0] if skipped else '?'}: "
                          f"{skipped[0][1] if skipped else '?'}); check the files, or train with --val-fraction 0")
-    return {"val_loss": loss_sum / n, "val_top1": 100.0 * correct / n, "skipped": skipped}
+    return {"val_loss": loss_sum / n, "val_top1": 100.0 * correct / n, "val_images": int(n), "skipped": skipped}
+
+
+def top1_standard_error(top1: float, row: dict) -> float:
+    """The binomial standard error, in points, of a top-1 of ``top1`` percent on ``row["val_images"]`` images."""
+    p = top1 / 100.0
+    return 100.0 * math.sqrt(p * (1.0 - p) / row["val_images"])
 
 
 def _split(run_dir: Path, images: ImageList, plan: Plan, *, resume: bool) -> tuple[list[int], list[int]]:

@@ -10,8 +10,9 @@ trainer does the rest the same way for all of them:
   ``last.safetensors`` (the same weights with metadata) after every epoch and on Ctrl-C or
   SIGTERM, which stop the run between two optimizer steps; any run resumes exactly, part-way
   through an epoch included, and a crash during a save leaves the previous state whole;
-- ``best.safetensors``: the inference form of the epoch with the best selection metric (the
-  last epoch when there is no validation);
+- ``best.safetensors``: the inference form of the epoch the selection rule picks on the
+  validation metric (``select``: the highest, the last, or the latest one within one standard
+  error of the highest; the last epoch when there is no validation);
 - ``metrics.jsonl`` (+ TensorBoard / W&B through a :class:`~finegrain.train.logger.RunLogger`),
   ``skipped_images.txt``; early stopping and per-epoch callbacks (tune's pruning).
 
@@ -68,6 +69,8 @@ class TrainSetup:
         epoch_images: ``(epoch, start_step) -> images`` this rank will see (the progress bar).
         validate: ``module -> {metric: value}`` (on every rank), or None for no validation.
         metric: the validation metric that selects ``best.safetensors`` (higher is better).
+        standard_error: ``(value, row) -> `` the standard error of ``metric`` at ``value`` on the
+            validation set of ``row`` (for ``select="1se"``); None where it has none.
         forward: what the loop calls instead of ``module`` (DDP / compiled wrappers).
         on_epoch_start: called with the epoch index before its batches are drawn.
     """
@@ -79,6 +82,7 @@ class TrainSetup:
     epoch_images: Callable[[int, int], int]
     validate: Callable[[nn.Module], dict] | None = None
     metric: str = "val_top1"
+    standard_error: Callable[[float, dict], float] | None = None
     forward: Callable | None = None
     mixer: Any = None
     eraser: Any = None
@@ -108,8 +112,21 @@ class _Progress:
     epoch: int = 0
     step: int = 0
     best: float | None = None
+    """The highest validation metric so far."""
     best_epoch: int = -1
+    """The epoch in ``best.safetensors`` (the selection rule's pick)."""
     bad_epochs: int = 0
+    chosen: float | None = None
+    """The validation metric of ``best_epoch``."""
+
+
+SELECT = ("best", "last", "1se")
+"""How ``best.safetensors`` is picked: the epoch with the highest validation metric (the earliest
+of a tie); the last epoch; or the latest epoch whose metric is within one standard error of the
+highest, the one-standard-error rule (Breiman et al. 1984; Hastie et al., *The Elements of
+Statistical Learning*, 2009, sec. 7.10) applied to epochs: among the epochs the validation split
+cannot tell apart, keep the one trained longest, at the end of the learning-rate schedule, rather
+than the one that drew the luckiest validation noise."""
 
 
 class Trainer:
@@ -126,13 +143,18 @@ class Trainer:
         callbacks: each called with every epoch's row once its checkpoints are saved; an
             exception one raises (``optuna.TrialPruned``) ends training and propagates.
         logger: where rows go (``metrics.jsonl``...); None on ranks other than 0.
+        select: which epoch ``best.safetensors`` keeps, one of :data:`SELECT`; ``1se`` falls back
+            to ``best`` for a metric without a standard error.
         save_best: write ``best.safetensors`` (off where the best form is made afterwards, QAT).
         label: what the progress bar calls an epoch.
     """
 
     def __init__(self, run_dir: Path, *, epochs: int, meta: ckpt.CheckpointMeta, device: torch.device, seed: int = 0,
                  world: World = World(), patience: int = 0, callbacks: Sequence[Callable[[dict], None]] = (),
-                 logger=None, save_best: bool = True, label: str = "epoch"):
+                 logger=None, select: str = "best", save_best: bool = True, label: str = "epoch"):
+        if select not in SELECT:
+            raise ValueError(f"select={select!r}: expected one of {', '.join(SELECT)}")
+        self.select = select
         self.run_dir, self.epochs, self.meta, self.device, self.seed = Path(run_dir), epochs, meta, device, seed
         self.world, self.patience, self.callbacks, self.logger = world, patience, list(callbacks), logger
         self.save_best, self.label = save_best, label
@@ -167,7 +189,11 @@ class Trainer:
                     console.print(f"[yellow]interrupted: saved a resumable checkpoint in {self.run_dir}; continue with --resume")
         dist_.barrier(self.world)  # the others wait for rank 0's last checkpoint before anyone returns
         self._report_skipped(final=True)
-        return TrainResult(self.run_dir, self.run_dir / "best.safetensors", at.best_epoch, at.best, at.epoch,
+        if self.world.is_main and at.chosen is not None and at.best is not None and at.chosen < at.best:
+            rule = "the last epoch" if self.select == "last" else "the latest within one standard error of the highest"
+            console.print(f"best.safetensors: {self.label} {at.best_epoch} ({setup.metric} {at.chosen:.2f}), {rule} "
+                          f"({at.best:.2f})")
+        return TrainResult(self.run_dir, self.run_dir / "best.safetensors", at.best_epoch, at.chosen, at.epoch,
                            stopped_early, interrupted, history)
 
     def _epoch(self, setup: TrainSetup, at: _Progress) -> dict:
@@ -215,12 +241,14 @@ class Trainer:
         value = row.get(setup.metric) if setup.validate is not None else None
         improved = setup.validate is None or at.best is None or value > at.best
         if improved:
-            at.best, at.best_epoch, at.bad_epochs = value, at.epoch, 0
+            at.best, at.bad_epochs = value, 0
+        else:
+            at.bad_epochs += 1
+        if self._chosen(setup, at, value, improved, row):
+            at.best_epoch, at.chosen = at.epoch, value
             if self.save_best and self.world.is_main:
                 best_meta, weights = ckpt.inference_meta(self._eval_module(setup), self.meta, epoch=at.epoch, step=0, metrics=row)
                 ckpt.save(self.run_dir / "best.safetensors", weights, best_meta)
-        else:
-            at.bad_epochs += 1
         self._save_last(setup, at, row)
         self._report_skipped()
         for callback in self.callbacks:
@@ -229,6 +257,16 @@ class Trainer:
             console.print(f"early stop: no validation improvement for {at.bad_epochs} epochs")
             return True
         return False
+
+    def _chosen(self, setup: TrainSetup, at: _Progress, value: float | None, improved: bool, row: dict) -> bool:
+        """Whether this epoch replaces ``best.safetensors`` (``at.best`` already counts it). Epochs come in
+        order, so "this one is within a standard error of the best so far" leaves, at the end, the latest
+        epoch within a standard error of the final best: that best was itself chosen when it came."""
+        if setup.validate is None or self.select == "last":
+            return True
+        if self.select == "best" or setup.standard_error is None:
+            return improved
+        return value >= at.best - setup.standard_error(at.best, row)
 
     @staticmethod
     def _eval_module(setup: TrainSetup) -> nn.Module:
@@ -246,7 +284,7 @@ class Trainer:
             "epoch": at.epoch, "step": at.step, "model": setup.module.state_dict(), "optimizer": setup.optimizer.state_dict(),
             "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
             "ema": setup.ema.state_dict() if setup.ema is not None else None, "rng": _rng_state(),
-            "best_top1": at.best, "best_epoch": at.best_epoch, "bad_epochs": at.bad_epochs,
+            "best_top1": at.best, "best_epoch": at.best_epoch, "bad_epochs": at.bad_epochs, "chosen": at.chosen,
         })
         meta = dataclasses.replace(self.meta, epoch=at.epoch, step=at.step, metrics=metrics)
         ckpt.save(self.run_dir / "last.safetensors", setup.module.state_dict(), meta)
@@ -269,7 +307,8 @@ class Trainer:
         if setup.ema is not None and state.get("ema") is not None:
             setup.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
-        at = _Progress(state["epoch"], state.get("step", 0), state["best_top1"], state["best_epoch"], state["bad_epochs"])
+        at = _Progress(state["epoch"], state.get("step", 0), state["best_top1"], state["best_epoch"], state["bad_epochs"],
+                       state.get("chosen", state["best_top1"]))  # written before select: the best was the pick
         if at.epoch >= self.epochs:
             self._finish_saved(setup, at)
         elif self.world.is_main:

@@ -210,6 +210,18 @@ def test_calibrate_an_existing_checkpoint_with_a_hierarchy_then_roll_up(trained_
     assert derived.calibration is None and derived.openset is None and derived.hierarchy == meta.hierarchy
 
 
+def test_calibrate_on_val_without_the_run_folder_says_what_to_give_instead(trained_run, tmp_path, capsys):
+    import shutil
+
+    from finegrain.cli import main
+
+    result, data = trained_run
+    shutil.copy(result.best_checkpoint, tmp_path / "best.safetensors")  # no split.json beside it
+    assert main(["calibrate", str(tmp_path / "best.safetensors"), "--data", str(data), "--workers", "0", "--device", "cpu"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "split.json" in err and "--split train with a held-out folder as --data" in err
+
+
 def test_the_export_divides_by_the_temperature(trained_run, tmp_path):
     pytest.importorskip("onnxruntime")
     from finegrain import Predictor

@@ -55,6 +55,20 @@ def load_split(path: Path, images: ImageList) -> tuple[list[int], list[int]]:
     return [pos[p] for p in data["train"]], [pos[p] for p in data["val"]]
 
 
+def load_run_split(run_dir: str | Path, data, dataset: str | None = None, *,
+                   otherwise: str = "use --split test") -> tuple[ImageList, list[int], list[int]]:
+    """``(training images of data, train indices, val indices)`` of the run in ``run_dir`` (its ``split.json``).
+
+    ``otherwise`` ends the error when the run has no split file: what the caller can do instead.
+    """
+    split_file = Path(run_dir) / "split.json"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"--split val needs {split_file} (written by finegrain train); {otherwise}")
+    images = open_dataset(data, "train", dataset=dataset)
+    train_idx, val_idx = load_split(split_file, images)
+    return images, train_idx, val_idx
+
+
 def open_run_split(run_dir: str | Path, data, split: str, dataset: str | None = None) -> ImageList:
     """The images of ``split`` of ``data``; ``"val"``: the run's own validation images (``run_dir/split.json``).
 
@@ -62,11 +76,7 @@ def open_run_split(run_dir: str | Path, data, split: str, dataset: str | None = 
     """
     if split != "val":
         return open_dataset(data, split, dataset=dataset)
-    split_file = Path(run_dir) / "split.json"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"--split val needs {split_file} (written by finegrain train); use --split test")
-    images = open_dataset(data, "train", dataset=dataset)
-    _, val_idx = load_split(split_file, images)
+    images, _, val_idx = load_run_split(run_dir, data, dataset)
     if not val_idx:
         raise ValueError(f"the run {run_dir} has no validation split (--val-fraction 0); use --split test")
     return images.subset(val_idx)

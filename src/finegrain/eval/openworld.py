@@ -104,15 +104,12 @@ def write_open_world(path: str | Path, meta: ckpt.CheckpointMeta, extra: dict[st
 
 def _held_out(checkpoint: Path, data: str, split: str, dataset: str | None, classes: list[str]):
     """``(held-out images, training images or None, what they are)`` for :func:`calibrate_checkpoint`."""
-    from finegrain.data.split import load_split
+    from finegrain.data.split import load_run_split
 
     if split == "val":
-        split_file = checkpoint.parent / "split.json"
-        if not split_file.is_file():
-            raise FileNotFoundError(f"--split val needs {split_file} (the run folder's validation split); give "
-                                    "--split train with a held-out folder as --data instead")
-        images = open_dataset(data, "train", dataset=dataset).relabel(classes)
-        train_idx, val_idx = load_split(split_file, images)
+        images, train_idx, val_idx = load_run_split(checkpoint.parent, data, dataset,
+                                                    otherwise="give --split train with a held-out folder as --data instead")
+        images = images.relabel(classes)
         return images.subset(val_idx), images.subset(train_idx), "validation split"
     images = open_dataset(data, split, dataset=dataset).relabel(classes)
     if split == "test":

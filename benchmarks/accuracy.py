@@ -4,7 +4,7 @@ Both fine-tune EfficientNet-Lite0 (ImageNet weights from ../shared/data) at 224 
 number of epochs and are tested once on the official test split.
 
 - finegrain: ``fit`` with the default recipe (AdamW, backbone lr x0.1, warmup + cosine, label
-  smoothing, RandomResizedCrop scale >= 0.25, near-zero new head), best epoch chosen on a 10%
+  smoothing, RandomResizedCrop scale >= 0.25, near-zero new head), the epoch kept chosen (``--select``, default 1se) on a 10%
   validation split carved from train.
 - baseline: a timm model and an ImageFolder-style loader, AdamW lr 1e-3 on all weights,
   label smoothing 0.1, RandomResizedCrop + flip, one-cycle schedule (warmup 10% of the steps, then

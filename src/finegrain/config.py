@@ -144,8 +144,9 @@ class TrainConfig:
     compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs: static shapes, less launch overhead), "
                            "max-autotune, or max-autotune-no-cudagraphs")
     patience: int = _f(0, "stop after this many epochs without validation improvement (0 turns it off)")
-    select: str = _f("best", "which epoch best.safetensors keeps: best (highest val top-1), last, or 1se (the latest epoch within one "
-                     "standard error of the highest: the one-standard-error rule, so the split's noise does not pick an early epoch)")
+    select: str = _f("1se", "which epoch best.safetensors keeps: best (highest val top-1), last, or 1se (the latest epoch within one "
+                     "binomial standard error of the highest: the one-standard-error rule, so the small split's noise does not pick "
+                     "an early epoch; benchmarks/selection.py)")
     seed: int = _f(0, "seed of initialisation, shuffling and augmentation")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     out: str = _f("runs", "folder that holds run folders")

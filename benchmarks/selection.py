@@ -8,12 +8,20 @@ an epoch on half A, and the pick is scored on half B, which it has not seen. The
 score higher on B is the better rule, and the test split is never read. With ``--test``, the epoch
 each rule picks on the whole validation split is also scored on test (after the choice is made).
 
+A run without ``epochs/`` (an ordinary ``accuracy.py`` run) gets only the picks on its logged val curve,
+and with ``--test`` the test top-1 of those picks whose weights it kept (``best`` or ``last``).
+
+The ± of "B - best" is over the halvings of one validation split: it says the mean is settled,
+not that another run or data set would agree.
+
 Usage: python benchmarks/selection.py /tmp/finegrain-bench-runs/finegrain-seed1-XXXX [--halves 2000] [--test]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import statistics
 from pathlib import Path
@@ -21,6 +29,7 @@ from pathlib import Path
 import torch
 
 from _common import SHARED, print_table, write_results
+from finegrain import checkpoint as ckpt
 from finegrain.data.device import eval_batches
 from finegrain.data.split import open_run_split
 from finegrain.eval.evaluate import eval_images
@@ -43,9 +52,15 @@ def pick(acc: list[float], rule: str, n: int) -> int:
 
 
 def correct_per_image(checkpoint: Path, split: str, workers: int) -> torch.Tensor:
-    """``[images]`` bool: whether ``checkpoint`` classifies each image of ``split`` (fp32, the eval transform)."""
+    """``[images]`` bool: whether ``checkpoint`` (``RUN/epochs/epoch-NN.safetensors``) classifies each image of ``split``."""
+    return correct_per_image_at(checkpoint, split, workers, run_dir=checkpoint.parent.parent)
+
+
+@functools.cache  # rules that pick the same epoch score it once
+def correct_per_image_at(checkpoint: Path, split: str, workers: int, run_dir: Path | None = None) -> torch.Tensor:
+    """``[images]`` bool for ``checkpoint`` of the run in ``run_dir`` (default: its folder); fp32, the eval transform."""
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
-    images, _ = eval_images(open_run_split(checkpoint.parent.parent, DATA, split), predictor.classes, DATA)
+    images, _ = eval_images(open_run_split(run_dir or checkpoint.parent, DATA, split), predictor.classes, DATA)
     loader = eval_batches(images, predictor.meta["preprocessing"], predictor.device, pipeline="cpu",
                           transform=predictor.transform, batch_size=64, workers=workers)
     logits, labels, _ = predict_loader(predictor.task.predict, loader, device=predictor.device, channels_last=True)
@@ -70,7 +85,7 @@ def split_halves(correct: torch.Tensor, halves: int, seed: int = 0) -> dict[str,
 def analyse(run: Path, halves: int, workers: int, test: bool) -> dict:
     epochs = sorted((run / "epochs").glob("epoch-*.safetensors"))
     if not epochs:
-        raise SystemExit(f"{run}/epochs holds no epoch checkpoints: train with accuracy.py --keep-epochs")
+        return analyse_curve(run, workers, test)
     correct = torch.stack([correct_per_image(e, "val", workers) for e in epochs])
     n = correct.shape[1]
     curve = (100 * correct.double().mean(1)).tolist()
@@ -89,6 +104,22 @@ def analyse(run: Path, halves: int, workers: int, test: bool) -> dict:
     return {"run": str(run), "epochs": len(epochs), "val_images": n, "val_curve": curve, "halves": halves, "rules": rows}
 
 
+def analyse_curve(run: Path, workers: int, test: bool) -> dict:
+    """A run without ``epochs/``: each rule picks on the val curve of ``metrics.jsonl``; no halves (they need every
+    epoch's per-image answers), and with ``test`` a pick is scored only where its weights were kept (best or last)."""
+    rows_ = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve, n = [r["val_top1"] for r in rows_], len(json.loads((run / "split.json").read_text())["val"])
+    kept = {ckpt.read_meta(run / f"{name}.safetensors").epoch: run / f"{name}.safetensors" for name in ("best", "last")}
+    rows = {}
+    for r in RULES:
+        e = pick(curve, r, n) + 1
+        rows[r] = {"epoch_on_full_val": e, "val_top1": curve[e - 1]}
+        if test and e in kept:
+            rows[r]["test_top1"] = 100 * correct_per_image_at(kept[e], "test", workers).double().mean().item()
+    return {"run": str(run), "epochs": len(curve), "val_images": n, "val_curve": curve, "halves": 0, "rules": rows,
+            "note": "no epochs/ folder: the rules pick on the training log's val curve (bf16 on CPUs with it); no halves"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
@@ -99,9 +130,9 @@ def main() -> None:
     args = ap.parse_args()
     results = [analyse(run, args.halves, args.workers, args.test) for run in args.runs]
     table = [{"run": Path(res["run"]).name, "rule": r, "epoch": v["epoch_on_full_val"], "val top-1": f"{v['val_top1']:.2f}",
-              "half B top-1": f"{v['half_b_top1_mean']:.2f}",
-              "B - best": f"{v['half_b_minus_best_mean']:+.2f} ± {v['half_b_minus_best_se']:.2f}",
-              "wins/losses vs best": f"{v['wins_over_best']:.2f}/{v['losses_to_best']:.2f}",
+              "half B top-1": f"{v['half_b_top1_mean']:.2f}" if "half_b_top1_mean" in v else "-",
+              "B - best": f"{v['half_b_minus_best_mean']:+.2f} ± {v['half_b_minus_best_se']:.2f}" if "half_b_top1_mean" in v else "-",
+              "wins/losses vs best": f"{v['wins_over_best']:.2f}/{v['losses_to_best']:.2f}" if "half_b_top1_mean" in v else "-",
               "test top-1": f"{v['test_top1']:.2f}" if "test_top1" in v else "-"}
              for res in results for r, v in res["rules"].items()]
     print_table(table, list(table[0]))

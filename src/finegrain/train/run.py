@@ -41,7 +41,8 @@ from finegrain.utils import resolve_device
 
 @dataclass
 class RunResult:
-    """What ``fit`` returns: the run folder and the best validation metrics."""
+    """What ``fit`` returns: the run folder, the checkpoint ``--select`` kept, its epoch and validation top-1
+    (what ``finegrain tune`` optimises: the score of the model a trial keeps, not the highest of its epochs)."""
 
     run_dir: Path
     best_checkpoint: Path

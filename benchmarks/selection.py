@@ -35,6 +35,7 @@ from finegrain.data.split import open_run_split
 from finegrain.eval.evaluate import eval_images
 from finegrain.predict import Predictor
 from finegrain.train.loop import predict_loader
+from finegrain.train.run import top1_standard_error
 
 DATA = SHARED / "cub50"
 RULES = ("best", "last", "1se")
@@ -47,7 +48,7 @@ def pick(acc: list[float], rule: str, n: int) -> int:
     top = max(acc)
     if rule == "best":
         return acc.index(top)
-    se = 100 * math.sqrt(top / 100 * (1 - top / 100) / n)
+    se = top1_standard_error(top, {"val_images": n})  # the trainer's own standard error
     return max(i for i, a in enumerate(acc) if a >= top - se)
 
 

@@ -18,7 +18,7 @@ available offline; the strongly supervised part model needs CUB's box and part f
 ``--train-per-class N`` trains on the first N training images of each class to fit a small
 budget; the test split is always complete.
 
-Usage: python benchmarks/methods.py --data cub50 --epochs 1 --seeds 0 1 [--methods plain fgvc-se ...] [--resume]
+Usage: python benchmarks/methods.py --data cub50 --epochs 1 --seeds 0 1 [--methods plain fgvc-se ...] [--resume] [--name NAME]
 """
 
 from __future__ import annotations
@@ -158,13 +158,14 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=0, help="train on this many images per class (0: all)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
     ap.add_argument("--resume", action="store_true", help="keep the runs of an earlier results file with the same budget")
+    ap.add_argument("--name", default=None, help="results file name (default: methods-DATA)")
     args = ap.parse_args()
     if "plain" not in args.methods:
         args.methods = ["plain", *args.methods]  # every gain is measured against it
     torch.set_num_threads(args.threads)
     data, described = DATASETS[args.data]
     budget = {k: getattr(args, k) for k in ("data", "epochs", "img_size", "batch_size", "train_per_class")}
-    name = f"methods-{args.data}"
+    name = args.name or f"methods-{args.data}"
     runs = _earlier_runs(name, budget) if args.resume else []
     payload = {"budget": {**budget, "seeds": args.seeds, "threads": args.threads,
                           "recipe": "finegrain's default (AdamW, backbone lr x0.1, warmup + cosine, label smoothing 0.1), "

@@ -51,7 +51,7 @@ METHODS = {  # name -> (task, the task's options[, changes to the default recipe
     # at a large learning rate (Lin et al. 2015, B-CNN; Gao et al. 2016). This variant keeps the
     # backbone's learning rate and gives the head 10x: one guess, not tuned
     "fgvc-compact_bilinear-head10x": ("fgvc", {"pooling": "compact_bilinear", "pool_dim": 2048},
-                                      {"lr": 5e-2, "backbone_lr_mult": 0.01}),
+                                      {"lr": 10 * TrainConfig.lr, "backbone_lr_mult": TrainConfig.backbone_lr_mult / 10}),
     "fgvc-bilinear-reduce128": ("fgvc", {"pooling": "bilinear", "reduce_dim": 128}),
     "fgvc-netvlad-reduce128": ("fgvc", {"pooling": "netvlad", "reduce_dim": 128}),
     "fgvc-center-triplet": ("fgvc", {"loss": "ce+center:0.01+triplet:1.0"}),

@@ -128,6 +128,9 @@ class TrainConfig:
     weight_decay: float = _f(0.05, "weight decay (not applied to norms and biases)")
     momentum: float = _f(0.9, "SGD/RMSprop momentum")
     warmup_epochs: float = _f(0.5, "linear warmup length in epochs, then cosine decay to zero")
+    head_epochs: int = _f(0, "first train the new layers alone (classifier, the method's layers) for this many of the --epochs, "
+                             "the pretrained backbone frozen, then all layers, each stage with its own warmup and cosine "
+                             "(LP-FT, Kumar et al. 2022; the two steps of B-CNN, Lin et al. 2015); 0 turns it off")
     label_smoothing: float = _f(0.1, "cross-entropy label smoothing")
     class_weights: str = _f("none", "re-weight the cross-entropy per class: none, inverse (1/count) or effective (Cui et al. 2019)")
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0 turns it off)")
@@ -174,6 +177,8 @@ class TrainConfig:
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise ValueError(f"--compile-mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
                              f"got {self.compile_mode!r}")
+        if not 0 <= self.head_epochs <= self.epochs:
+            raise ValueError(f"--head-epochs must be between 0 and --epochs ({self.epochs}), got {self.head_epochs}")
         if self.accum_steps < 1:
             raise ValueError(f"--accum-steps must be at least 1, got {self.accum_steps}")
         from finegrain.train.trainer import SELECT

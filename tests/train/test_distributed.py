@@ -27,18 +27,20 @@ def test_shard_covers_the_order_with_equal_shares(n, size):
     assert sum(map(len, shares)) - n < size  # at most N - 1 repeats
 
 
-def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
-    """2 CPU ranks x batch 4 == 1 process x batch 8: same images per step, same averaged gradient."""
+@pytest.mark.parametrize("head_epochs", [0, 1])
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path, head_epochs):
+    """2 CPU ranks x batch 4 == 1 process x batch 8: same images per step, same averaged gradient;
+    with --head-epochs too (the head stage leaves the backbone without gradients on every rank)."""
     data = make_image_folder(tmp_path / "img", n_train=8)  # 24 images, 18 after the validation split
     common = ["--data", str(data), "--backbone", "test_vit", "--pretrained", "none", "--img-size", "32",
               "--epochs", "2", "--workers", "0", "--val-fraction", "0.25", "--device", "cpu", "--lr", "3e-3",
-              "--warmup-epochs", "0", "--no-amp", "--out", str(tmp_path / "runs"), "--seed", "0"]
+              "--warmup-epochs", "0", "--no-amp", "--out", str(tmp_path / "runs"), "--seed", "0", "--head-epochs", str(head_epochs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "finegrain", "train", *common, "--batch-size", "4", "--name", "ddp"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    cfg = tiny_config(data, tmp_path / "runs", epochs=2, name="single")
+    cfg = tiny_config(data, tmp_path / "runs", epochs=2, name="single", head_epochs=head_epochs)
     cfg.model.backbone, cfg.train.amp = "test_vit", False  # fp32: an exact comparison
     single = fit(cfg)
 

@@ -84,5 +84,50 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return f
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+def head_first(total_steps: int, warmup_steps: int, head_steps: int, *, new: bool):
+    """LR multiplier of a run whose first ``head_steps`` train the new parameters alone (``--head-epochs``).
+
+    Two schedules back to back, each a warmup + cosine: the head stage's, in which the pretrained
+    parameters (``new=False``) get 0, then the fine-tune's over the remaining steps, for all of them.
+    """
+    first, rest = warmup_cosine(head_steps, warmup_steps), warmup_cosine(total_steps - head_steps, warmup_steps)
+
+    def f(step: int) -> float:
+        if step < head_steps:
+            return first(step) if new else 0.0
+        return rest(step - head_steps)
+
+    return f
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int, head_steps: int = 0):
+    """Warmup + cosine over ``total_steps``; with ``head_steps``, :func:`head_first` per group (its ``name`` says new or backbone)."""
+    if not head_steps:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        head_first(total_steps, warmup_steps, head_steps, new=_is_new(g)) for g in optimizer.param_groups])
+
+
+def freeze_pretrained(optimizer: torch.optim.Optimizer, frozen: bool) -> None:
+    """Stop (or restart) gradients of the optimizer's pretrained groups, for ``--head-epochs``' head stage.
+
+    Frozen parameters get no gradient, so the head stage skips the backbone's backward pass and
+    its optimizer state stays empty until the fine-tune starts. Only parameters the optimizer
+    trains are touched (a distillation teacher stays frozen). BatchNorm statistics still follow
+    the training batches.
+    """
+    for group in optimizer.param_groups:
+        if not _is_new(group):
+            for p in group["params"]:
+                p.requires_grad_(not frozen)
+
+
+def check_head_first(optimizer: torch.optim.Optimizer, task_name: str) -> None:
+    """Refuse ``--head-epochs`` for a task whose parameters are all pretrained: the head stage would train nothing."""
+    if not any(_is_new(g) for g in optimizer.param_groups):
+        raise ValueError(f"--head-epochs: task {task_name} has no new parameters to train alone (all of them are "
+                         "pretrained); drop --head-epochs")
+
+
+def _is_new(group: dict) -> bool:
+    return group.get("name", "").startswith("new")

@@ -33,7 +33,7 @@ from finegrain.train.distributed import World
 from finegrain.train.ema import WarmupEma
 from finegrain.train.logger import RunLogger
 from finegrain.train.loop import NoImagesError, predict_loader
-from finegrain.train.optim import build_optimizer, build_scheduler
+from finegrain.train.optim import build_optimizer, build_scheduler, check_head_first, freeze_pretrained
 from finegrain.train.plan import Plan, make_plan, preprocessing
 from finegrain.train.trainer import StepConfig, Trainer, TrainSetup, seed_everything
 from finegrain.utils import resolve_device
@@ -192,8 +192,10 @@ def _setup(plan: Plan, task, images: ImageList, train_idx: list[int], val_idx: l
         task.set_class_weight(class_weights(counts, cfg.train.class_weights).to(device))
     steps = plan.steps_per_epoch(len(train_set))
     optimizer = build_optimizer(task, cfg.train, lr=plan.lr, fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, total_steps=cfg.train.epochs * steps,
-                                warmup_steps=int(cfg.train.warmup_epochs * steps))
+    if cfg.train.head_epochs:
+        check_head_first(optimizer, cfg.model.task)
+    scheduler = build_scheduler(optimizer, total_steps=cfg.train.epochs * steps, warmup_steps=int(cfg.train.warmup_epochs * steps),
+                                head_steps=cfg.train.head_epochs * steps)
     ema = None
     if cfg.train.ema:
         ema = WarmupEma(task, decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
@@ -210,7 +212,14 @@ def _setup(plan: Plan, task, images: ImageList, train_idx: list[int], val_idx: l
         step=StepConfig(accum_steps=cfg.train.accum_steps, clip_grad=cfg.train.clip_grad, amp=cfg.train.amp,
                         channels_last=cfg.train.channels_last, normalize=(prep["mean"], prep["std"]),
                         adversarial=adversarial_training(cfg.train, task, (prep["mean"], prep["std"]))),
-        on_epoch_start=lambda epoch: setattr(seeded, "epoch", epoch))
+        on_epoch_start=functools.partial(_start_epoch, seeded=seeded, optimizer=optimizer, head_epochs=cfg.train.head_epochs))
+
+
+def _start_epoch(epoch: int, *, seeded, optimizer, head_epochs: int) -> None:
+    """Before an epoch's batches: the sampler's epoch, and whether the pretrained layers train (``--head-epochs``)."""
+    seeded.epoch = epoch
+    if head_epochs:
+        freeze_pretrained(optimizer, epoch < head_epochs)
 
 
 def _forward(plan: Plan, task):
@@ -220,7 +229,8 @@ def _forward(plan: Plan, task):
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(task, device_ids=[plan.device.index] if plan.device.type == "cuda" else None,
-                                          find_unused_parameters=getattr(task, "find_unused_parameters", False))
+                                          find_unused_parameters=getattr(task, "find_unused_parameters", False)
+                                          or plan.cfg.train.head_epochs > 0)  # the head stage leaves the backbone without gradients
     if plan.cfg.train.compile:
         forward = torch.compile(forward, mode=plan.cfg.train.compile_mode)
     return forward

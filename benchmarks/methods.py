@@ -55,6 +55,9 @@ METHODS = {  # name -> (task, the task's options[, changes to the default recipe
     # the authors' two steps as LP-FT (Kumar et al. 2022): the first epoch trains the new layers alone
     # (backbone frozen), the rest all layers, each with its own warmup and cosine (--head-epochs 1)
     "fgvc-compact_bilinear-head1": ("fgvc", {"pooling": "compact_bilinear", "pool_dim": 2048}, {"head_epochs": 1}),
+    "fgvc-compact_bilinear-head1-head10x": ("fgvc", {"pooling": "compact_bilinear", "pool_dim": 2048},
+                                            {"head_epochs": 1, "lr": 10 * TrainConfig.lr,
+                                             "backbone_lr_mult": TrainConfig.backbone_lr_mult / 10}),
     "plain-head1": ("supervised", {}, {"head_epochs": 1}),
     "fgvc-bilinear-reduce128": ("fgvc", {"pooling": "bilinear", "reduce_dim": 128}),
     "fgvc-netvlad-reduce128": ("fgvc", {"pooling": "netvlad", "reduce_dim": 128}),

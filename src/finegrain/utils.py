@@ -24,8 +24,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class _Bar:
-    def __init__(self, progress: Progress | None, task_id, total: int):
-        self.progress, self.task_id, self.total, self.done = progress, task_id, total, 0
+    def __init__(self, progress: Progress | None, task_id, total: int, unit: str = "img"):
+        self.progress, self.task_id, self.total, self.done, self.unit = progress, task_id, total, 0, unit
         self.t0 = None
 
     def advance(self, n: int, **fields: float) -> None:
@@ -36,15 +36,15 @@ class _Bar:
             return
         rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
         info = " ".join(f"{k} {v:.3f}" if k == "loss" else f"{k} {v:.1f}" for k, v in fields.items())
-        self.progress.update(self.task_id, advance=n, rate=f"{rate:.1f} img/s", **({"info": info} if info else {}))
+        self.progress.update(self.task_id, advance=n, rate=f"{rate:.1f} {self.unit}/s", **({"info": info} if info else {}))
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, *, enabled: bool | None = None):
-    """A rich progress bar (images done, images/s, loss/acc fields); silent when not a terminal."""
+def progress_bar(description: str, total: int, *, enabled: bool | None = None, unit: str = "img"):
+    """A rich progress bar (``unit``s done, their rate, loss/acc fields); silent when not a terminal."""
     enabled = sys.stderr.isatty() if enabled is None else enabled
     if not enabled:
-        yield _Bar(None, None, total)
+        yield _Bar(None, None, total, unit)
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -53,4 +53,4 @@ def progress_bar(description: str, total: int, *, enabled: bool | None = None):
     )
     with progress:
         tid = progress.add_task(description, total=total, rate="", info="")
-        yield _Bar(progress, tid, total)
+        yield _Bar(progress, tid, total, unit)

@@ -17,6 +17,7 @@ from finegrain.data.dataset import ImageDataset, collate
 from finegrain.fewshot.sampler import EpisodicSampler
 from finegrain.tasks.fewshot import EpisodicTask
 from finegrain.train.loop import predict_loader
+from finegrain.utils import progress_bar
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
@@ -62,10 +63,12 @@ def evaluate_episodes(
     y_support = torch.arange(n_way, device=device).repeat_interleave(k_shot)
     y_query = torch.arange(n_way, device=device).repeat_interleave(q_query)
     accs = []
-    for idx in sampler:
-        f = features[idx].to(device)
-        logits = task.episode_logits(f[:ns], y_support, f[ns:], n_way)
-        accs.append(100.0 * (logits.argmax(1) == y_query).float().mean().item())
+    with progress_bar(f"{n_way}-way {k_shot}-shot", total=episodes, unit="episode") as bar:  # MAML: seconds per episode
+        for idx in sampler:
+            f = features[idx].to(device)
+            logits = task.episode_logits(f[:ns], y_support, f[ns:], n_way)
+            accs.append(100.0 * (logits.argmax(1) == y_query).float().mean().item())
+            bar.advance(1, acc=sum(accs) / len(accs))
     mean, ci = mean_ci95(accs)
     return {"acc": mean, "ci95": ci, "episodes": episodes, "n_way": n_way, "k_shot": k_shot, "q_query": q_query,
             "per_episode": accs}

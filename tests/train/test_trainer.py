@@ -347,3 +347,29 @@ def test_resuming_a_finished_run_says_it_is_finished(image_folder, tmp_path, cap
     err = capsys.readouterr().err
     assert "is finished" in err and "resuming /" not in err and "epoch 1:" not in err  # trained nothing
     assert not again.interrupted and (done.run_dir / "last.safetensors").read_bytes() == before
+
+
+def test_a_diverged_epoch_stops_the_run_before_it_is_saved(image_folder, tmp_path, monkeypatch, capsys):
+    """A NaN training loss (lr too high, a bf16 kernel's garbage) stops the run with the fix in the
+    message; the previous epoch's checkpoints stay as they were, readable."""
+    import finegrain.train.trainer as trainer
+    from finegrain.checkpoint import load, read_meta
+    from finegrain.cli import main
+
+    real, calls = trainer.train_one_epoch, []
+
+    def nan_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return {**out, "loss": float("nan")} if len(calls) == 2 else out
+
+    monkeypatch.setattr(trainer, "train_one_epoch", nan_in_epoch_2)
+    rc = main(["train", "--data", str(image_folder), "--backbone", "test_resnet", "--pretrained", "none", "--img-size", "32",
+               "--epochs", "3", "--workers", "0", "--device", "cpu", "--out", str(tmp_path), "--name", "run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(calls) == 2
+    assert "training loss is nan in epoch 2" in " ".join(err.split()) and "--lr" in err and "--no-amp" in err
+    run = tmp_path / "run"
+    assert read_meta(run / "last.safetensors").epoch == 1 and read_meta(run / "best.safetensors").epoch == 1
+    weights, _ = load(run / "last.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())

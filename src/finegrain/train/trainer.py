@@ -14,7 +14,9 @@ trainer does the rest the same way for all of them:
   validation metric (``select``: the highest, the last, or the latest one within one standard
   error of the highest; the last epoch when there is no validation);
 - ``metrics.jsonl`` (+ TensorBoard / W&B through a :class:`~finegrain.train.logger.RunLogger`),
-  ``skipped_images.txt``; early stopping and per-epoch callbacks (tune's pruning).
+  ``skipped_images.txt``; early stopping and per-epoch callbacks (tune's pruning);
+- an epoch whose training loss is NaN or infinite stops the run before it is saved
+  (:class:`TrainingDiverged`, with the fixes in its message).
 
 In a distributed run only rank 0 writes; training metrics are summed across ranks.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import signal
 import threading
@@ -40,6 +43,10 @@ from finegrain.train import distributed as dist_
 from finegrain.train.distributed import World
 from finegrain.train.loop import train_one_epoch
 from finegrain.utils import console, progress_bar
+
+
+class TrainingDiverged(ValueError):
+    """The training loss of an epoch is NaN or infinite; the run stops before saving that epoch."""
 
 
 @dataclass
@@ -221,6 +228,8 @@ class Trainer:
                                  ema=setup.ema, amp=s.amp, channels_last=s.channels_last, normalize=s.normalize,
                                  adversarial=s.adversarial, on_step=on_step)
         tr = _reduce_train(self.world, tr, self.device)
+        if not math.isfinite(tr["loss"]):
+            raise TrainingDiverged(self._diverged(epoch, tr["loss"], at))
         row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                "lr": setup.optimizer.param_groups[-1]["lr"], "images_per_s": tr["images_per_s"],
                "epoch_seconds": tr["seconds"]}
@@ -267,6 +276,13 @@ class Trainer:
         if self.select == "best" or setup.standard_error is None:
             return improved
         return value >= at.best - setup.standard_error(at.best, row)
+
+    def _diverged(self, epoch: int, loss: float, at: _Progress) -> str:
+        kept = (f"{self.run_dir} keeps {self.label} {epoch}'s checkpoints (last.safetensors"
+                + (f"; best.safetensors: {self.label} {at.best_epoch})" if at.best_epoch > 0 else ")") if epoch else
+                "no checkpoint was written")
+        return (f"the training loss is {loss} in {self.label} {epoch + 1}: training diverged and was stopped before "
+                f"saving; {kept}. Start again with a lower --lr, with --clip-grad 1.0, or in fp32 (--no-amp)")
 
     @staticmethod
     def _eval_module(setup: TrainSetup) -> nn.Module:

@@ -278,9 +278,12 @@ class Trainer:
         return value >= at.best - setup.standard_error(at.best, row)
 
     def _diverged(self, epoch: int, loss: float, at: _Progress) -> str:
-        kept = (f"{self.run_dir} keeps {self.label} {epoch}'s checkpoints (last.safetensors"
-                + (f"; best.safetensors: {self.label} {at.best_epoch})" if at.best_epoch > 0 else ")") if epoch else
-                "no checkpoint was written")
+        """The message of a diverged ``epoch`` (0-based): what the run folder keeps and how to train again."""
+        if epoch == 0:
+            kept = "no checkpoint was written"
+        else:
+            best = f"; best.safetensors: {self.label} {at.best_epoch}" if at.best_epoch > 0 else ""
+            kept = f"{self.run_dir} keeps {self.label} {epoch}'s checkpoints (last.safetensors{best})"
         return (f"the training loss is {loss} in {self.label} {epoch + 1}: training diverged and was stopped before "
                 f"saving; {kept}. Start again with a lower --lr, with --clip-grad 1.0, or in fp32 (--no-amp)")
 

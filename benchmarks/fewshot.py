@@ -54,7 +54,6 @@ METHODS = {  # row name -> (method, its options, has a frozen row)
     "maml": ("maml", {"first_order": True}, True),  # second order through Lite0 at 224 px peaked at 23 GB here
 }
 NORMS = {"timm": (None, None), "half": ((0.5,) * 3, (0.5,) * 3)}  # the model's pretrained config; mean = std = 0.5
-NOT_RUN: dict[str, str] = {}
 
 
 def frozen(name: str, args) -> list[dict]:
@@ -120,7 +119,7 @@ def main() -> None:
                            + ("" if args.norm == "timm" else " with mean = std = 0.5"),
                "budget": f"{args.episodes} test episodes per row (seed 0, the same for every row); base training "
                          f"{args.epochs} epoch(s), one training seed",
-               "not_run": NOT_RUN, "results": rows}
+               "results": rows}
     name = args.name or ("fewshot" if args.norm == "timm" else f"fewshot-norm-{args.norm}")
     if args.update:
         rows += _kept_rows(name, payload, args.methods)
@@ -135,8 +134,6 @@ def main() -> None:
     rows.sort(key=lambda r: list(METHODS).index(r["method"]))  # kept rows back in method order
     write_results(name, payload)
     print_table([{**r, "acc": f"{r['acc']:.2f} ± {r['ci95']:.2f}"} for r in rows], ["method", "init", "shots", "acc", "episodes"])
-    for n, why in NOT_RUN.items():
-        print(f"{n}: not run: {why}")
 
 
 if __name__ == "__main__":

@@ -40,25 +40,25 @@ DATASETS = {
     "cub50": (SHARED / "cub50", "cub50 (50 CUB-200-2011 species, 1449 train / 1500 test, 227 px copies)"),
     "flowers12": (SHARED / "flowers12", "flowers12 (12 Oxford flower species, 720 train / 240 test)"),
 }
+COMPACT_BILINEAR = {"pooling": "compact_bilinear", "pool_dim": 2048}
+# Compact bilinear features are L2-normalised (norm 1; Lite0's average-pooled ones have norm ~12 on
+# cub50), so the head needs larger weights for the same logits. The authors first train the
+# classifier alone at a large learning rate (Lin et al. 2015, B-CNN; Gao et al. 2016). HEAD_10X keeps
+# the backbone's learning rate and gives the head 10x: one guess, not tuned
+HEAD_10X = {"lr": 10 * TrainConfig.lr, "backbone_lr_mult": TrainConfig.backbone_lr_mult / 10}
+# the authors' two steps as LP-FT (Kumar et al. 2022): the first epoch trains the new layers alone
+# (backbone frozen), the rest all layers, each with its own warmup and cosine
+HEAD_FIRST = {"head_epochs": 1}
 METHODS = {  # name -> (task, the task's options[, changes to the default recipe])
     "plain": ("supervised", {}),
     "fgvc-avg": ("fgvc", {}),
     "fgvc-se": ("fgvc", {"attention": "se"}),
     "fgvc-dual": ("fgvc", {"attention": "dual"}),
-    "fgvc-compact_bilinear": ("fgvc", {"pooling": "compact_bilinear", "pool_dim": 2048}),
-    # its features are L2-normalised (norm 1; Lite0's average-pooled ones have norm ~12 on cub50), so
-    # the head needs larger weights for the same logits. The authors first train the classifier alone
-    # at a large learning rate (Lin et al. 2015, B-CNN; Gao et al. 2016). This variant keeps the
-    # backbone's learning rate and gives the head 10x: one guess, not tuned
-    "fgvc-compact_bilinear-head10x": ("fgvc", {"pooling": "compact_bilinear", "pool_dim": 2048},
-                                      {"lr": 10 * TrainConfig.lr, "backbone_lr_mult": TrainConfig.backbone_lr_mult / 10}),
-    # the authors' two steps as LP-FT (Kumar et al. 2022): the first epoch trains the new layers alone
-    # (backbone frozen), the rest all layers, each with its own warmup and cosine (--head-epochs 1)
-    "fgvc-compact_bilinear-head1": ("fgvc", {"pooling": "compact_bilinear", "pool_dim": 2048}, {"head_epochs": 1}),
-    "fgvc-compact_bilinear-head1-head10x": ("fgvc", {"pooling": "compact_bilinear", "pool_dim": 2048},
-                                            {"head_epochs": 1, "lr": 10 * TrainConfig.lr,
-                                             "backbone_lr_mult": TrainConfig.backbone_lr_mult / 10}),
-    "plain-head1": ("supervised", {}, {"head_epochs": 1}),
+    "fgvc-compact_bilinear": ("fgvc", COMPACT_BILINEAR),
+    "fgvc-compact_bilinear-head10x": ("fgvc", COMPACT_BILINEAR, HEAD_10X),
+    "fgvc-compact_bilinear-head1": ("fgvc", COMPACT_BILINEAR, HEAD_FIRST),
+    "fgvc-compact_bilinear-head1-head10x": ("fgvc", COMPACT_BILINEAR, {**HEAD_FIRST, **HEAD_10X}),
+    "plain-head1": ("supervised", {}, HEAD_FIRST),
     "fgvc-bilinear-reduce128": ("fgvc", {"pooling": "bilinear", "reduce_dim": 128}),
     "fgvc-netvlad-reduce128": ("fgvc", {"pooling": "netvlad", "reduce_dim": 128}),
     "fgvc-center-triplet": ("fgvc", {"loss": "ce+center:0.01+triplet:1.0"}),

@@ -69,12 +69,12 @@ def _config(task: str, data, out) -> RunConfig:
 
         teacher = task_checkpoint(out / "teacher.safetensors", "supervised", ["001.Red_Bird", "002.Green_Bird", "003.Blue_Bird"])
         options = dataclasses.replace(options, teacher=str(teacher))
+    # fp32: torch 2.14's CPU bf16 weight gradient of a 3x3 stride-2 convolution over a 1x1 input (these 32 px
+    # images, 16 px part crops) is garbage in some calls; real image sizes never reach a 1x1 map there
     return RunConfig(DataConfig(data=str(data), img_size=32, batch_size=4, workers=0, val_fraction=0.25),
                      ModelConfig(backbone=backbone, pretrained="none", task=task, options=options),
                      TrainConfig(epochs=2, head_epochs=1, lr=3e-3, warmup_epochs=0.0, out=str(out), name="run", seed=0,
                                  device="cpu", calibrate=False, amp=False))
-    # fp32: torch 2.14's CPU bf16 weight gradient of a 3x3 stride-2 convolution over a 1x1 input (these 32 px
-    # images, 16 px part crops) is garbage in some calls; real image sizes never reach a 1x1 map there
 
 
 def _optimizer_state(run_dir) -> dict[str, int]:

@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--reuse-baseline", default=None,
                     help="take the baseline runs from an earlier results JSON of this script (same epochs and seeds) instead of re-running them")
     ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="change the finegrain recipe, e.g. train.ema=true data.random_erase=0.25 train.layer_decay=0.8 "
+                    help="change the finegrain recipe, e.g. train.ema=true data.random_erase=0.25 model.drop_path_rate=0.2 "
                          "(the values are read as YAML); the results name the changes")
     ap.add_argument("--baseline-amp", action="store_true",
                     help="train the plain loop with bf16 autocast + channels_last (timm's --amp --channels-last), as finegrain "
@@ -187,13 +187,14 @@ def parse_overrides(items: list[str]) -> dict:
 
     import yaml
 
-    sections = {"data": DataConfig, "train": TrainConfig}
+    sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         section, _, field = key.partition(".")
         if not sep or section not in sections or field not in {f.name for f in dataclasses.fields(sections[section])}:
-            raise SystemExit(f"--set {item!r}: expected data.FIELD=VALUE or train.FIELD=VALUE with a field of DataConfig/TrainConfig")
+            raise SystemExit(f"--set {item!r}: expected data.FIELD=VALUE, model.FIELD=VALUE or train.FIELD=VALUE with a field "
+                             "of DataConfig/ModelConfig/TrainConfig")
         out[key] = yaml.safe_load(value)
     return out
 

@@ -12,13 +12,15 @@ top-1. Results are written after every run; ``--resume`` skips the (method, seed
 results file already holds for the same budget, so a long run can stop and go on.
 
 Methods that cannot run are listed with the reason (TransFG needs a ViT and no ViT weights are
-available offline; the strongly supervised part model needs CUB's box and part files, which
-``cub50`` and ``flowers12`` lack).
+available offline). The strongly supervised part model (``parts-cub4``) needs CUB's box and part
+files: it runs on ``cub27`` (full photos, where 448 px is meaningful), and on data without them
+it is left out of the default set and refused when named.
 
 ``--train-per-class N`` trains on the first N training images of each class to fit a small
 budget; the test split is always complete.
 
 Usage: python benchmarks/methods.py --data cub50 --epochs 1 --seeds 0 1 [--methods plain fgvc-se ...] [--resume] [--name NAME]
+       python benchmarks/methods.py --data cub27 --img-size 448 --batch-size 16 --epochs 2 --methods plain parts-cub4
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ WEIGHTS = SHARED / "weights" / "efficientnet_lite0.in1k.safetensors"
 DATASETS = {
     "cub50": (SHARED / "cub50", "cub50 (50 CUB-200-2011 species, 1449 train / 1500 test, 227 px copies)"),
     "flowers12": (SHARED / "flowers12", "flowers12 (12 Oxford flower species, 720 train / 240 test)"),
+    "cub27": (SHARED / "cub27", "cub27 (27 other CUB-200-2011 species, full photos up to 500 px, 810 train / 744 test, "
+                                "one box and 15 part locations per image)"),
 }
 COMPACT_BILINEAR = {"pooling": "compact_bilinear", "pool_dim": 2048}
 # Compact bilinear features are L2-normalised (norm 1; Lite0's average-pooled ones have norm ~12 on
@@ -64,14 +68,16 @@ METHODS = {  # name -> (task, the task's options[, changes to the default recipe
     "fgvc-center-triplet": ("fgvc", {"loss": "ce+center:0.01+triplet:1.0"}),
     "wsdan-m8": ("wsdan", {"num_parts": 8}),
     "racnn-s2": ("racnn", {"scales": 2}),
+    "parts-cub4": ("parts", {"groups": "cub4"}),
     "parts-weak-k4": ("parts-weak", {"num_parts": 4}),
     "parts-weak-k4-mil": ("parts-weak", {"num_parts": 4, "pool": "mil"}),
 }
 NOT_RUN = {
     "transfg": "ViT only (timm VisionTransformer with a class token); no ViT ImageNet weights are available offline, "
                "and a randomly initialised ViT at this budget says nothing",
-    "parts": "needs CUB's bounding_boxes.txt and parts/part_locs.txt; flowers12 and the shared cub50 copy have neither",
 }
+NEEDS_PARTS = {"parts-cub4"}
+"""Methods that train on the object box and part locations (CUB's bounding_boxes.txt, parts/part_locs.txt)."""
 COLUMNS = ["rank", "method", "top1", "gain vs plain", "per-seed gain", "verdict", "train img/s", "test img/s", "params M"]
 
 
@@ -170,14 +176,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-per-class", type=int, default=0, help="train on this many images per class (0: all)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
+    ap.add_argument("--methods", nargs="+", default=None, choices=tuple(METHODS),
+                    help="default: every method the data can train (parts-cub4 only where it has boxes and parts)")
     ap.add_argument("--resume", action="store_true", help="keep the runs of an earlier results file with the same budget")
     ap.add_argument("--name", default=None, help="results file name (default: methods-DATA)")
     args = ap.parse_args()
-    if "plain" not in args.methods:
-        args.methods = ["plain", *args.methods]  # every gain is measured against it
     torch.set_num_threads(args.threads)
     data, described = DATASETS[args.data]
+    args.methods = _methods_for(args.methods, data, args.train_per_class)
     budget = {k: getattr(args, k) for k in ("data", "epochs", "img_size", "batch_size", "train_per_class")}
     name = args.name or f"methods-{args.data}"
     runs = _earlier_runs(name, budget) if args.resume else []
@@ -203,6 +209,20 @@ def main() -> None:
     print_table([_table_row(r) for r in ranking], COLUMNS)
     for n, why in NOT_RUN.items():
         print(f"{n}: not run: {why}")
+
+
+def _methods_for(named: list[str] | None, data: Path, per_class: int) -> list[str]:
+    """``named`` (default: every method), ``plain`` first; a part method on data without parts is refused when
+    named and left out of the default."""
+    has_parts = not per_class and open_dataset(data, "train").parts is not None  # the per-class CSV keeps no parts
+    if named is None:
+        named = [m for m in METHODS if has_parts or m not in NEEDS_PARTS]
+    missing = [m for m in named if m in NEEDS_PARTS and not has_parts]
+    if missing:
+        raise SystemExit(f"--methods {' '.join(missing)}: needs CUB's boxes and part locations, which {data} "
+                         f"{'lacks' if not per_class else 'loses under --train-per-class'}; use --data cub27 "
+                         "without --train-per-class, or leave them out of --methods")
+    return named if "plain" in named else ["plain", *named]  # every gain is measured against plain
 
 
 def _earlier_runs(name: str, budget: dict) -> list[dict]:

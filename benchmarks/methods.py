@@ -76,8 +76,9 @@ NOT_RUN = {
     "transfg": "ViT only (timm VisionTransformer with a class token); no ViT ImageNet weights are available offline, "
                "and a randomly initialised ViT at this budget says nothing",
 }
-NEEDS_PARTS = {"parts-cub4"}
-"""Methods that train on the object box and part locations (CUB's bounding_boxes.txt, parts/part_locs.txt)."""
+NEEDS_PARTS = {name for name, (task, *_) in METHODS.items() if task == "parts"}
+"""Methods that train on the object box and part locations (CUB's bounding_boxes.txt, parts/part_locs.txt):
+the strongly supervised part task; ``parts-weak`` finds its parts itself."""
 COLUMNS = ["rank", "method", "top1", "gain vs plain", "per-seed gain", "verdict", "train img/s", "test img/s", "params M"]
 
 

@@ -127,3 +127,18 @@ def test_checkpoint_of_changed_layers_names_what_differs(tmp_path):
     msg = str(e.value)
     assert f"missing {renamed}" in msg and "not in the model old_layer.weight" in msg and f"other shape {head}" in msg
     assert "train it again" in msg
+
+
+def test_write_text_atomic_keeps_newlines_and_the_old_file_on_a_crash(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "rows.csv"
+    assert ckpt.write_text_atomic(path, "a,b\r\nc,d\r\n") == path
+    assert path.read_bytes() == b"a,b\r\nc,d\r\n"  # the CSV's own line ends, untranslated
+    import os
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_text_atomic(path, "new")
+    assert path.read_bytes() == b"a,b\r\nc,d\r\n" and [p.name for p in path.parent.iterdir()] == ["rows.csv"]

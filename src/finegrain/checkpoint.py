@@ -158,6 +158,13 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` through :func:`atomic_write`; returns the path."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
+    return path
+
+
 def versions() -> dict[str, str]:
     import timm
     import torchvision

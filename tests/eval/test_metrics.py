@@ -328,6 +328,36 @@ def test_csv_exports(tmp_path):
         write_confusion_csv(m["confusion_matrix"], ["a"], tmp_path / "y.csv")
 
 
+def test_exports_keep_the_old_file_when_a_write_crashes(tmp_path, monkeypatch):
+    """Each export goes through the atomic writer: a crash mid-write leaves the previous file whole."""
+    import finegrain.checkpoint as ckpt
+
+    m = classification_metrics(np.eye(3)[[0, 2, 1]] * 5.0, [0, 1, 1], ["a", "b", "c"])
+    writers = {
+        "per_class.csv": lambda p: write_per_class_csv(m, p),
+        "cm.csv": lambda p: write_confusion_csv(m["confusion_matrix"], ["a", "b", "c"], p),
+        "cm.png": lambda p: save_confusion_matrix_png(m["confusion_matrix"], ["a", "b", "c"], p),
+    }
+    real = ckpt.atomic_write
+
+    def crashing(path, write):
+        def half(tmp):
+            write(tmp)
+            raise KeyboardInterrupt  # killed after the bytes are written, before the rename
+        return real(path, half)
+
+    for name, write in writers.items():
+        path = tmp_path / name
+        path.write_bytes(b"previous")
+        monkeypatch.setattr(ckpt, "atomic_write", crashing)
+        with pytest.raises(KeyboardInterrupt):
+            write(path)
+        monkeypatch.undo()
+        assert path.read_bytes() == b"previous" and not list(tmp_path.glob(".*.tmp")), name
+        write(path)
+        assert path.read_bytes() != b"previous", name
+
+
 @pytest.mark.gpu
 def test_accumulator_update_does_not_sync_on_cuda():
     if not torch.cuda.is_available():

@@ -97,3 +97,29 @@ def test_wandb_flags_on_the_cli(image_folder, tmp_path, fake_wandb):
     assert rc == 0
     (run,) = fake_wandb.runs
     assert run.kwargs["project"] == "p" and run.kwargs["mode"] == "online"
+
+
+def test_a_row_cut_by_a_crash_is_dropped_and_the_log_stays_readable(tmp_path):
+    import json
+
+    from finegrain.train.logger import RunLogger, read_rows
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "val_top1": 50.0}\n{"epoch": 2, "val_t')  # killed mid-append
+    assert read_rows(path) == [{"epoch": 1, "val_top1": 50.0}]
+    RunLogger(tmp_path).log({"epoch": 2, "val_top1": 60.0})  # the resumed run logs epoch 2 again
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"epoch": 1, "val_top1": 50.0}, {"epoch": 2, "val_top1": 60.0}]
+
+    path.write_text('{"epoch": 1, "val_t')  # the first row itself was cut
+    RunLogger(tmp_path).log({"epoch": 1, "val_top1": 40.0})
+    assert path.read_text() == '{"epoch": 1, "val_top1": 40.0}\n'
+
+
+def test_a_damaged_row_before_the_last_is_an_error(tmp_path):
+    from finegrain.train.logger import read_rows
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_rows(path)

@@ -18,6 +18,7 @@ keeps flat or low-texture images that agree on one hash from being paired.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from finegrain.checkpoint import write_text_atomic
 from finegrain.data.base import sha256_file
 
 
@@ -263,22 +265,19 @@ def _write_clean_split(clean_split: str | Path, entries: list[dict], drop: dict[
     dest = Path(clean_split).resolve()
     if str(dest) in {e["path"] for e in entries}:
         raise ValueError(f"--write-clean-split {dest} is one of the images; choose a new .csv path")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "split"])
-        for i, e in enumerate(entries):
-            if i not in drop:
-                w.writerow([e["path"], e["label"], e["split"]])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["path", "label", "split"])
+    w.writerows([e["path"], e["label"], e["split"]] for i, e in enumerate(entries) if i not in drop)
+    write_text_atomic(dest, f.getvalue())
     return str(dest)
 
 
 def _write_reports(report: dict, out_dir: str | Path) -> str:
     """Write ``report.json`` and ``report.md`` into ``out_dir``; returns the folder."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(_markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "report.md", _markdown(report))
     return str(out)
 
 

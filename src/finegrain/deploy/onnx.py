@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finegrain.checkpoint import atomic_write
 from finegrain.eval.calibration import temperature_of
 from finegrain.predict import Predictor, expand_images
 
@@ -129,8 +130,7 @@ def export_onnx(task: nn.Module, meta: dict, path: str | Path, *, opset: int = 1
                          "depend on the batch); export with --format torchscript, or report this as a bug")
     _set_metadata(model, export_metadata(meta, source))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    atomic_write(path, lambda tmp: onnx.save(model, tmp, format="protobuf"))
     return path
 
 
@@ -149,9 +149,9 @@ def export_torchscript(task: nn.Module, meta: dict, path: str | Path, *, source:
     with torch.no_grad(), _quiet_jit():
         traced = torch.jit.trace(module, torch.randn(2, 3, size, size), check_trace=False)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_jit():
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(export_metadata(meta, source))})
+        atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files={
+            TORCHSCRIPT_EXTRA: json.dumps(export_metadata(meta, source))}))
     return path
 
 
@@ -288,6 +288,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: torc
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     prepared = out_path.with_name(out_path.stem + ".prep.onnx")
+    raw = out_path.with_name(out_path.stem + ".raw.onnx")  # ONNX Runtime's output, before the metadata and rename
     try:
         # shape inference + graph cleanup first, as ONNX Runtime recommends before quantizing
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
@@ -296,13 +297,14 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: torc
         source = fp32_path
     try:
         overrides = tensor_overrides(source) if tensor_overrides is not None else {}
-        quantize_static(str(source), str(out_path), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        quantize_static(str(source), str(raw), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         extra_options={"TensorQuantOverrides": overrides} if overrides else None)
+        q = onnx.load(str(raw))
     finally:
         prepared.unlink(missing_ok=True)
+        raw.unlink(missing_ok=True)
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
-    q = onnx.load(str(out_path))
     if report is not None:
         # ONNX Runtime renames tensors when it drops Clip/Relu, so count by the parameters themselves
         init = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
@@ -313,7 +315,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: torc
                       calibrated=sorted(n for n, s, z in quantized if (s, z) not in pinned) if overrides else [])
     _set_metadata(q, {**{p.key: p.value for p in fp32.metadata_props}, "quantization": "int8-static-qdq-per-channel"
                       if per_channel else "int8-static-qdq", "calibration_images": str(len(calibration))})
-    onnx.save(q, str(out_path))
+    atomic_write(out_path, lambda tmp: onnx.save(q, tmp, format="protobuf"))
     return out_path
 
 

@@ -122,6 +122,7 @@ def _draw_all(results: list[dict], out: str) -> None:
     from PIL import Image, ImageOps
     from torchvision.transforms.functional import to_pil_image, to_tensor
 
+    from finegrain.checkpoint import atomic_write
     from finegrain.detect.evaluate import draw_detections
 
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -134,4 +135,5 @@ def _draw_all(results: list[dict], out: str) -> None:
         names = sorted({o["detector_label"] for o in objs})
         pred = {"boxes": torch.tensor([o["box"] for o in objs]).reshape(-1, 4), "scores": torch.tensor([o["score"] for o in objs]),
                 "labels": torch.tensor([names.index(o["detector_label"]) for o in objs], dtype=torch.long)}
-        to_pil_image(draw_detections(image, pred, names, score=0.0)).save(Path(out) / f"{Path(r['image']).stem}.png")
+        drawn = to_pil_image(draw_detections(image, pred, names, score=0.0))
+        atomic_write(Path(out) / f"{Path(r['image']).stem}.png", lambda tmp, d=drawn: d.save(tmp, format="PNG"))

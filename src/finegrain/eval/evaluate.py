@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from finegrain.checkpoint import resolve_checkpoint
+from finegrain.checkpoint import atomic_write, resolve_checkpoint, write_text_atomic
 from finegrain.data.base import ImageList
 from finegrain.data.dataset import check_files
 from finegrain.data.device import eval_batches
@@ -127,7 +127,7 @@ def evaluate(
                                       workers=workers))
     out = Path(out_dir) if out_dir else path.parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(metrics, indent=1))
+    write_text_atomic(out / "results.json", json.dumps(metrics, indent=1))
     write_per_class_csv(metrics, out / "per_class.csv")
     write_confusion_csv(metrics["confusion_matrix"], images.classes, out / "confusion.csv")
     save_confusion_matrix_png(metrics["confusion_matrix"], images.classes, out / "confusion.png")
@@ -196,7 +196,7 @@ def _save_reliability(calibration: dict, logits: torch.Tensor, temperature: floa
     for when, t in (("before", 1.0), ("after", temperature)):
         conf = (logits / t).softmax(1).max(1).values.numpy()
         png = plots.reliability_diagram(calibration[f"reliability_{when}"], calibration[f"ece_{when}"], conf)
-        (out / f"reliability_{when}.png").write_bytes(png)
+        atomic_write(out / f"reliability_{when}.png", lambda tmp, b=png: Path(tmp).write_bytes(b))
 
 
 def print_summary(metrics: dict, n_pairs: int = 5) -> None:

@@ -14,6 +14,7 @@ top-1 accuracy always equals the trace of the confusion matrix over N.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from finegrain import checkpoint as ckpt
 
 __all__ = [
     "MetricAccumulator",
@@ -509,8 +512,7 @@ def save_confusion_matrix_png(
     ax.set_title(f"Confusion matrix ({c} classes, N={int(mat.sum())}, {kind})")
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
@@ -535,18 +537,13 @@ def write_per_class_csv(metrics: Mapping[str, Any], path: str | os.PathLike) -> 
             "metrics has no 'per_class' entry; pass the dict returned by classification_metrics "
             "or MetricAccumulator.compute"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(_PER_CLASS_FIELDS)
-        for row in rows:
-            cells = []
-            for key in _PER_CLASS_FIELDS:
-                v = row[key]
-                cells.append("" if v is None else round(v, 4) if isinstance(v, float) else v)
-            writer.writerow(cells)
-    return path
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(_PER_CLASS_FIELDS)
+    for row in rows:
+        writer.writerow(["" if (v := row[key]) is None else round(v, 4) if isinstance(v, float) else v
+                         for key in _PER_CLASS_FIELDS])
+    return ckpt.write_text_atomic(path, f.getvalue())
 
 
 def write_confusion_csv(cm: Any, class_names: Sequence[str], path: str | os.PathLike) -> Path:
@@ -557,11 +554,9 @@ def write_confusion_csv(cm: Any, class_names: Sequence[str], path: str | os.Path
     """
     mat = _check_confusion(cm)
     names = _check_class_names(class_names, mat.shape[0], "the confusion matrix")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *names])
-        for name, row in zip(names, mat.tolist()):
-            writer.writerow([name, *row])
-    return path
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(["true \\ predicted", *names])
+    for name, row in zip(names, mat.tolist()):
+        writer.writerow([name, *row])
+    return ckpt.write_text_atomic(path, f.getvalue())

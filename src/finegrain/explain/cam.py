@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from finegrain.checkpoint import atomic_write
 from finegrain.registry import Registry
 
 CamFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -372,7 +373,7 @@ def save_overlays(predictor, images: Sequence[str | Path], out_dir: str | Path, 
             name += "_"
         used.add(name)
         dest = out / f"{name}.png"
-        canvas.save(dest)
+        atomic_write(dest, lambda tmp, c=canvas: c.save(tmp, format="PNG"))
         records.append({"path": str(path), "overlay": str(dest), "method": method,
                         "predicted": predictor.classes[cls], "target": predictor.classes[target if target is not None else cls]})
     return records

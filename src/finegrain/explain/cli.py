@@ -65,7 +65,7 @@ def _resolve_target(target: str | None, classes: list[str]) -> int | None:
 def _cmd_explain(args) -> int:
     from pathlib import Path
 
-    from finegrain.checkpoint import resolve_checkpoint
+    from finegrain.checkpoint import resolve_checkpoint, write_text_atomic
     from finegrain.explain.cam import save_overlays
     from finegrain.predict import Predictor, expand_images
 
@@ -75,15 +75,14 @@ def _cmd_explain(args) -> int:
         raise FileNotFoundError(f"no images found in {args.images}")
     records = save_overlays(predictor, paths, args.out, method=args.method,
                             target=_resolve_target(args.target, predictor.classes), alpha=args.alpha)
-    (Path(args.out) / "explain.json").write_text(json.dumps(records, indent=1))
+    write_text_atomic(Path(args.out) / "explain.json", json.dumps(records, indent=1))
     print(json.dumps(records, indent=1))
     return 1 if all("error" in r for r in records) else 0
 
 
 def _cmd_explain_score(args) -> int:
-    from pathlib import Path
 
-    from finegrain.checkpoint import resolve_checkpoint
+    from finegrain.checkpoint import resolve_checkpoint, write_text_atomic
     from finegrain.data.base import open_dataset
     from finegrain.explain.score import localization_scores
     from finegrain.predict import Predictor
@@ -94,8 +93,7 @@ def _cmd_explain_score(args) -> int:
                                  tolerance=args.tolerance, limit=args.limit)
     text = json.dumps(report, indent=1)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_text_atomic(args.out, text)
     print(text)
     return 0
 

@@ -9,7 +9,6 @@ file can be mailed or archived on its own.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from finegrain.predict import Predictor, logits_and_features
 from finegrain.report import plots
 from finegrain.report.html import esc, img_tag, page, pil_png, table
 from finegrain.tasks.base import Task
+from finegrain.train.logger import read_rows
 from finegrain.train.loop import predict_loader
 from finegrain.utils import console, progress_bar
 
@@ -246,11 +246,9 @@ def _curves(run_dir: Path, meta: dict) -> str:
     if not path.is_file():
         return f'<p class="note">No {esc(str(path))}: this run has no training log.</p>'
     by_epoch: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if "epoch" in row:
-                by_epoch[int(row["epoch"])] = row  # a resumed run may repeat an epoch: keep the last
+    for row in read_rows(path):
+        if "epoch" in row:
+            by_epoch[int(row["epoch"])] = row  # a resumed run may repeat an epoch: keep the last
     rows = [by_epoch[e] for e in sorted(by_epoch)]
     if not rows:
         return f'<p class="note">{esc(str(path))} is empty.</p>'

@@ -124,19 +124,9 @@ def train_one_epoch(
         skipped += batch["skipped"]
         if batch["image"] is None:
             continue
-        images = to_device(batch["image"], device, channels_last, normalize)
-        labels = batch["label"].to(device, non_blocking=True) if batch.get("label") is not None else None
-        target = labels
-        if eraser is not None and eraser.active and torch.is_tensor(images):
-            images = eraser(images)
-        if mixer is not None and mixer.active and torch.is_tensor(images):
-            images, target = mixer(images, labels)
-        if adversarial is not None:
-            with autocast(device, amp, cpu=True):  # the attack runs in the step's precision
-                images = adversarial(task, images, target)
-        extra = {k: batch[k] for k in ANNOTATION_KEYS if k in batch}
-        if "targets" in extra:
-            extra["targets"] = _targets_to(extra["targets"], device)
+        images, labels, target, extra = _prepare_batch(
+            task, batch, device=device, channels_last=channels_last, normalize=normalize, eraser=eraser,
+            mixer=mixer, adversarial=adversarial, amp=amp)
         # Between optimizer steps a DistributedDataParallel model skips the gradient all-reduce.
         accumulating = (i + 1) % accum_steps != 0 and hasattr(forward, "no_sync")
         with forward.no_sync() if accumulating else contextlib.nullcontext():
@@ -165,6 +155,27 @@ def train_one_epoch(
         "images_per_s": seen / max(seconds, 1e-9),
         "skipped": skipped,
     }
+
+
+def _prepare_batch(task: nn.Module, batch: dict, *, device: torch.device, channels_last: bool, normalize: tuple | None,
+                   eraser: BatchEraser | None, mixer: BatchMixer | None, adversarial: Callable | None, amp: bool):
+    """One loader batch made ready for the step: on ``device``, then erased, mixed and made adversarial as
+    asked. Returns ``(images, labels, target, extra)``: ``target`` is the mixed (soft) target or ``labels``,
+    ``extra`` the batch's annotations (boxes, parts, detection targets) on their way to the task."""
+    images = to_device(batch["image"], device, channels_last, normalize)
+    labels = batch["label"].to(device, non_blocking=True) if batch.get("label") is not None else None
+    target = labels
+    if eraser is not None and eraser.active and torch.is_tensor(images):
+        images = eraser(images)
+    if mixer is not None and mixer.active and torch.is_tensor(images):
+        images, target = mixer(images, labels)
+    if adversarial is not None:
+        with autocast(device, amp, cpu=True):  # the attack runs in the step's precision
+            images = adversarial(task, images, target)
+    extra = {k: batch[k] for k in ANNOTATION_KEYS if k in batch}
+    if "targets" in extra:
+        extra["targets"] = _targets_to(extra["targets"], device)
+    return images, labels, target, extra
 
 
 def _optimizer_step(task, optimizer, scheduler, clip_grad, ema) -> None:

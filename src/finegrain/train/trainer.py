@@ -351,7 +351,8 @@ class Trainer:
     def _report_skipped(self, final: bool = False) -> None:
         if not self.skipped or not self.world.is_main:
             return
-        (self.run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{e}\n" for p, e in sorted(self.skipped.items())))
+        ckpt.write_text_atomic(self.run_dir / "skipped_images.txt",
+                               "".join(f"{p}\t{e}\n" for p, e in sorted(self.skipped.items())))
         if final:
             console.print(f"[yellow]{len(self.skipped)} unreadable images were skipped; list in {self.run_dir / 'skipped_images.txt'}")
 

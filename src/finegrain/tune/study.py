@@ -10,6 +10,7 @@ resumable.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from finegrain.checkpoint import write_text_atomic
 from finegrain.config import RunConfig
 from finegrain.train.run import fit
 from finegrain.tune.space import Dimension, apply, check_space, grid_size, parse_space
@@ -91,7 +93,7 @@ def _build_study(optuna, cfg: RunConfig, dims: list[Dimension], settings: dict):
     study_dir.mkdir(parents=True, exist_ok=True)
     settings = {"space": [str(d) for d in dims], **settings,
                 "objective": "best validation top-1 (%), maximised", "base_config": cfg.to_dict()}
-    (study_dir / "study.json").write_text(json.dumps(settings, indent=1))
+    write_text_atomic(study_dir / "study.json", json.dumps(settings, indent=1))
     study = optuna.create_study(direction="maximize", study_name=name,
                                 sampler=_sampler(optuna, settings["sampler"], dims, settings["seed"]),
                                 pruner=_pruner(optuna, settings["pruner"], settings["prune_startup_trials"], settings["prune_warmup_epochs"]))
@@ -158,9 +160,9 @@ def _study_result(optuna, study, cfg: RunConfig, study_dir: Path, rows: list[dic
     best_cfg = apply(cfg, best.params)
     best_cfg.train.out, best_cfg.train.name, best_cfg.train.resume = cfg.train.out, None, None  # a fresh, auto-named run
     best_path = study_dir / "best.yaml"
-    best_path.write_text(f"# best trial {best.number} of {study_dir.name}: validation top-1 {best.value:.2f}%\n"
-                         f"# train it: finegrain train --config {best_path}\n"
-                         + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    write_text_atomic(best_path, f"# best trial {best.number} of {study_dir.name}: validation top-1 {best.value:.2f}%\n"
+                                 f"# train it: finegrain train --config {best_path}\n"
+                                 + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     return StudyResult(study_dir, float(best.value), dict(best.params), best_path, rows, interrupted)
 
 
@@ -240,12 +242,13 @@ def _write_results(study_dir: Path, study, dims: list[Dimension]) -> list[dict]:
     # finished trials first (best first), then pruned ones (at their last value), then failed ones
     rank = {"complete": 0, "pruned": 1}
     rows.sort(key=lambda r: (rank.get(r["state"], 2), -(r["val_top1"] or 0.0), r["trial"]))
-    with open(study_dir / "trials.csv", "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    (study_dir / "trials.json").write_text(json.dumps(rows, indent=1))
+    f = io.StringIO(newline="")
+    if rows:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_text_atomic(study_dir / "trials.csv", f.getvalue())
+    write_text_atomic(study_dir / "trials.json", json.dumps(rows, indent=1))
     return rows
 
 

@@ -36,6 +36,7 @@ import torch
 
 from _common import RESULTS, SHARED, machine_name, print_table, write_results
 from finegrain import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, fit, open_dataset
+from finegrain.train.logger import read_rows
 
 WEIGHTS = SHARED / "weights" / "efficientnet_lite0.in1k.safetensors"
 DATASETS = {
@@ -113,7 +114,9 @@ def run_one(name: str, seed: int, data: Path, args, tmp: str) -> dict:
     t0 = time.perf_counter()
     result = fit(cfg)
     train_s = time.perf_counter() - t0
-    epochs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    if result.interrupted:  # Ctrl-C or SIGTERM: the finished runs are already in the results file
+        raise SystemExit(f"{name} seed {seed} interrupted; the runs before it are kept (rerun with --resume)")
+    epochs = read_rows(result.run_dir / "metrics.jsonl")
     model, _ = load_task(result.best_checkpoint, "cpu")
     params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()

@@ -14,7 +14,6 @@ Usage: python benchmarks/adversarial.py --epochs 1 --epsilons 2 [--train-steps 3
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
@@ -23,6 +22,7 @@ import torch
 from _common import SHARED, print_table, write_results
 from finegrain import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
 from finegrain.eval.robustness import robustness_eval
+from finegrain.train.logger import read_rows
 
 WEIGHTS = SHARED / "weights" / "efficientnet_lite0.in1k.safetensors"
 DATA = SHARED / "flowers12"
@@ -62,7 +62,7 @@ def main() -> None:
             t0 = time.perf_counter()
             result = fit(cfg)
             train_s = time.perf_counter() - t0
-            epochs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+            epochs = read_rows(result.run_dir / "metrics.jsonl")
             r = robustness_eval(result.best_checkpoint, DATA, split="test", corruptions=[], attacks=["fgsm", "pgd"],
                                 epsilons=args.epsilons, attack_steps=args.attack_steps, limit=args.limit, workers=1,
                                 device="cpu", out_dir=f"{tmp}/{name}-robust")

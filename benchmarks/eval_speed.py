@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import tempfile
 import time
 from pathlib import Path
 
 from _common import SHARED, print_table, write_results
 from finegrain import DataConfig, ModelConfig, RunConfig, TrainConfig, evaluate, fit, open_dataset
+from finegrain.train.logger import read_rows
 
 WEIGHTS = SHARED / "weights" / "efficientnet_lite0.in1k.safetensors"
 CUB = SHARED / "cub50"
@@ -40,7 +40,7 @@ def training_rate(tmp: Path, workers: int, n: int = 320) -> tuple[float, Path]:
                     ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS)),
                     TrainConfig(epochs=1, out=str(tmp / "runs"), name="speed", calibrate=False))
     run = fit(cfg)
-    row = json.loads((run.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    row = read_rows(run.run_dir / "metrics.jsonl")[-1]
     return float(row["images_per_s"]), run.best_checkpoint
 
 

@@ -34,6 +34,7 @@ from finegrain.data.device import eval_batches
 from finegrain.data.split import open_run_split
 from finegrain.eval.evaluate import eval_images
 from finegrain.predict import Predictor
+from finegrain.train.logger import read_rows
 from finegrain.train.loop import predict_loader
 from finegrain.train.run import top1_standard_error
 
@@ -108,7 +109,7 @@ def analyse(run: Path, halves: int, workers: int, test: bool) -> dict:
 def analyse_curve(run: Path, workers: int, test: bool) -> dict:
     """A run without ``epochs/``: each rule picks on the val curve of ``metrics.jsonl``; no halves (they need every
     epoch's per-image answers), and with ``test`` a pick is scored only where its weights were kept (best or last)."""
-    rows_ = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows_ = read_rows(run / "metrics.jsonl")
     curve, n = [r["val_top1"] for r in rows_], len(json.loads((run / "split.json").read_text())["val"])
     kept = {ckpt.read_meta(run / f"{name}.safetensors").epoch: run / f"{name}.safetensors" for name in ("best", "last")}
     rows = {}

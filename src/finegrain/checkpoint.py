@@ -15,7 +15,9 @@ state needed to resume sit beside ``last.safetensors`` in ``last.state.pt``, rea
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -163,6 +165,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
     return path
+
+
+def write_csv_atomic(path: str | os.PathLike, rows) -> Path:
+    """Write ``rows`` (sequences of cells, the header first) as CSV through :func:`atomic_write`; returns the path."""
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(rows)
+    return write_text_atomic(path, buf.getvalue())
 
 
 def versions() -> dict[str, str]:

@@ -17,8 +17,6 @@ keeps flat or low-texture images that agree on one hash from being paired.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finegrain.checkpoint import write_text_atomic
+from finegrain.checkpoint import write_csv_atomic, write_text_atomic
 from finegrain.data.base import sha256_file
 
 
@@ -265,11 +263,8 @@ def _write_clean_split(clean_split: str | Path, entries: list[dict], drop: dict[
     dest = Path(clean_split).resolve()
     if str(dest) in {e["path"] for e in entries}:
         raise ValueError(f"--write-clean-split {dest} is one of the images; choose a new .csv path")
-    f = io.StringIO(newline="")
-    w = csv.writer(f)
-    w.writerow(["path", "label", "split"])
-    w.writerows([e["path"], e["label"], e["split"]] for i, e in enumerate(entries) if i not in drop)
-    write_text_atomic(dest, f.getvalue())
+    write_csv_atomic(dest, [["path", "label", "split"],
+                            *([e["path"], e["label"], e["split"]] for i, e in enumerate(entries) if i not in drop)])
     return str(dest)
 
 

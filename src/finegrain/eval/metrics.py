@@ -13,8 +13,6 @@ top-1 accuracy always equals the trace of the confusion matrix over N.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -537,13 +535,9 @@ def write_per_class_csv(metrics: Mapping[str, Any], path: str | os.PathLike) -> 
             "metrics has no 'per_class' entry; pass the dict returned by classification_metrics "
             "or MetricAccumulator.compute"
         )
-    f = io.StringIO(newline="")
-    writer = csv.writer(f)
-    writer.writerow(_PER_CLASS_FIELDS)
-    for row in rows:
-        writer.writerow(["" if (v := row[key]) is None else round(v, 4) if isinstance(v, float) else v
-                         for key in _PER_CLASS_FIELDS])
-    return ckpt.write_text_atomic(path, f.getvalue())
+    cells = [["" if (v := row[key]) is None else round(v, 4) if isinstance(v, float) else v for key in _PER_CLASS_FIELDS]
+             for row in rows]
+    return ckpt.write_csv_atomic(path, [_PER_CLASS_FIELDS, *cells])
 
 
 def write_confusion_csv(cm: Any, class_names: Sequence[str], path: str | os.PathLike) -> Path:
@@ -554,9 +548,4 @@ def write_confusion_csv(cm: Any, class_names: Sequence[str], path: str | os.Path
     """
     mat = _check_confusion(cm)
     names = _check_class_names(class_names, mat.shape[0], "the confusion matrix")
-    f = io.StringIO(newline="")
-    writer = csv.writer(f)
-    writer.writerow(["true \\ predicted", *names])
-    for name, row in zip(names, mat.tolist()):
-        writer.writerow([name, *row])
-    return ckpt.write_text_atomic(path, f.getvalue())
+    return ckpt.write_csv_atomic(path, [["true \\ predicted", *names], *([name, *row] for name, row in zip(names, mat.tolist()))])

@@ -9,8 +9,6 @@ resumable.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from finegrain.checkpoint import write_text_atomic
+from finegrain.checkpoint import write_csv_atomic, write_text_atomic
 from finegrain.config import RunConfig
 from finegrain.train.run import fit
 from finegrain.tune.space import Dimension, apply, check_space, grid_size, parse_space
@@ -242,12 +240,7 @@ def _write_results(study_dir: Path, study, dims: list[Dimension]) -> list[dict]:
     # finished trials first (best first), then pruned ones (at their last value), then failed ones
     rank = {"complete": 0, "pruned": 1}
     rows.sort(key=lambda r: (rank.get(r["state"], 2), -(r["val_top1"] or 0.0), r["trial"]))
-    f = io.StringIO(newline="")
-    if rows:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    write_text_atomic(study_dir / "trials.csv", f.getvalue())
+    write_csv_atomic(study_dir / "trials.csv", [list(rows[0]), *(r.values() for r in rows)] if rows else [])
     write_text_atomic(study_dir / "trials.json", json.dumps(rows, indent=1))
     return rows
 

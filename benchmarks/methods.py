@@ -64,6 +64,7 @@ METHODS = {  # name -> (task, the task's options[, changes to the default recipe
     "fgvc-compact_bilinear-head1": ("fgvc", COMPACT_BILINEAR, HEAD_FIRST),
     "fgvc-compact_bilinear-head1-head10x": ("fgvc", COMPACT_BILINEAR, {**HEAD_FIRST, **HEAD_10X}),
     "plain-head1": ("supervised", {}, HEAD_FIRST),
+    "plain-head10x": ("supervised", {}, HEAD_10X),  # separates the head's rate from the pooling's effect
     "fgvc-bilinear-reduce128": ("fgvc", {"pooling": "bilinear", "reduce_dim": 128}),
     "fgvc-netvlad-reduce128": ("fgvc", {"pooling": "netvlad", "reduce_dim": 128}),
     "fgvc-center-triplet": ("fgvc", {"loss": "ce+center:0.01+triplet:1.0"}),

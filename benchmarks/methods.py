@@ -17,10 +17,14 @@ files: it runs on ``cub27`` (full photos, where 448 px is meaningful), and on da
 it is left out of the default set and refused when named.
 
 ``--train-per-class N`` trains on the first N training images of each class to fit a small
-budget; the test split is always complete.
+budget; the test split is always complete. ``--val-fraction F`` holds out F of each training
+class and records the last epoch's val top-1 beside test top-1, so that a setting (e.g. the head's
+learning rate, ``plain-head3x`` / ``-head10x`` / ``-head30x``) is chosen on val, never on test.
 
 Usage: python benchmarks/methods.py --data cub50 --epochs 1 --seeds 0 1 [--methods plain fgvc-se ...] [--resume] [--name NAME]
        python benchmarks/methods.py --data cub27 --img-size 448 --batch-size 16 --epochs 2 --methods plain parts-cub4
+       python benchmarks/methods.py --data cub27 --img-size 448 --batch-size 16 --epochs 2 --seeds 0 --val-fraction 0.2 \
+           --methods plain plain-head3x plain-head10x --name methods-cub27-448-val
 """
 
 from __future__ import annotations
@@ -50,7 +54,12 @@ COMPACT_BILINEAR = {"pooling": "compact_bilinear", "pool_dim": 2048}
 # cub50), so the head needs larger weights for the same logits. The authors first train the
 # classifier alone at a large learning rate (Lin et al. 2015, B-CNN; Gao et al. 2016). HEAD_10X keeps
 # the backbone's learning rate and gives the head 10x: one guess, not tuned
-HEAD_10X = {"lr": 10 * TrainConfig.lr, "backbone_lr_mult": TrainConfig.backbone_lr_mult / 10}
+def head_rate(k: float) -> dict:
+    """Recipe changes that give the new layers ``k`` times the default learning rate and keep the backbone's."""
+    return {"lr": k * TrainConfig.lr, "backbone_lr_mult": TrainConfig.backbone_lr_mult / k}
+
+
+HEAD_10X = head_rate(10)
 # the authors' two steps as LP-FT (Kumar et al. 2022): the first epoch trains the new layers alone
 # (backbone frozen), the rest all layers, each with its own warmup and cosine
 HEAD_FIRST = {"head_epochs": 1}
@@ -65,6 +74,10 @@ METHODS = {  # name -> (task, the task's options[, changes to the default recipe
     "fgvc-compact_bilinear-head1-head10x": ("fgvc", COMPACT_BILINEAR, {**HEAD_FIRST, **HEAD_10X}),
     "plain-head1": ("supervised", {}, HEAD_FIRST),
     "plain-head10x": ("supervised", {}, HEAD_10X),  # separates the head's rate from the pooling's effect
+    "plain-head3x": ("supervised", {}, head_rate(3)),
+    "plain-head30x": ("supervised", {}, head_rate(30)),
+    "fgvc-compact_bilinear-head3x": ("fgvc", COMPACT_BILINEAR, head_rate(3)),
+    "fgvc-compact_bilinear-head30x": ("fgvc", COMPACT_BILINEAR, head_rate(30)),
     "fgvc-bilinear-reduce128": ("fgvc", {"pooling": "bilinear", "reduce_dim": 128}),
     "fgvc-netvlad-reduce128": ("fgvc", {"pooling": "netvlad", "reduce_dim": 128}),
     "fgvc-center-triplet": ("fgvc", {"loss": "ce+center:0.01+triplet:1.0"}),
@@ -108,9 +121,10 @@ def run_one(name: str, seed: int, data: Path, args, tmp: str) -> dict:
     recipe = recipe[0] if recipe else {}
     cfg = RunConfig(
         DataConfig(data=str(data), img_size=args.img_size, batch_size=args.batch_size, workers=1,
-                   val_fraction=0.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+                   val_fraction=args.val_fraction, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
         ModelConfig(backbone="efficientnet_lite0", pretrained=str(WEIGHTS), task=task, options=dict(options)),
-        TrainConfig(epochs=args.epochs, device="cpu", out=tmp, name=f"{name}-seed{seed}", seed=seed, **recipe),
+        TrainConfig(epochs=args.epochs, device="cpu", out=tmp, name=f"{name}-seed{seed}", seed=seed, select="last",
+                    **recipe),
     )
     t0 = time.perf_counter()
     result = fit(cfg)
@@ -125,7 +139,8 @@ def run_one(name: str, seed: int, data: Path, args, tmp: str) -> dict:
                  out_dir=f"{tmp}/{name}-seed{seed}-eval")
     test_s = time.perf_counter() - t0
     seconds = sum(r["epoch_seconds"] for r in epochs)
-    return {"method": name, "seed": seed, "task": task, "options": options, "recipe_changes": recipe, "top1": m["top1"],
+    val = {"val_top1": epochs[-1]["val_top1"], "val_images": epochs[-1]["val_images"]} if args.val_fraction else {}
+    return {"method": name, "seed": seed, "task": task, "options": options, "recipe_changes": recipe, "top1": m["top1"], **val,
             "mean_per_class_acc": m["mean_per_class_acc"], "images": m["n"],
             "train_img_s": round(sum(r["images_per_s"] * r["epoch_seconds"] for r in epochs) / seconds, 2),
             "test_img_s": round(m["n"] / test_s, 2), "params_m": round(params / 1e6, 2),
@@ -145,6 +160,8 @@ def rank(runs: list[dict]) -> list[dict]:
                "gains": gains, "gain_mean": statistics.mean(gains) if gains else None,
                "train_img_s": statistics.mean(r["train_img_s"] for r in mine),
                "test_img_s": statistics.mean(r["test_img_s"] for r in mine), "params_m": mine[0]["params_m"]}
+        if all("val_top1" in r for r in mine):  # runs with --val-fraction: the number to choose settings on
+            row["val_top1_mean"] = statistics.mean(r["val_top1"] for r in mine)
         row["verdict"] = verdict(name, gains)
         rows.append(row)
     rows.sort(key=lambda r: -r["top1_mean"])
@@ -168,6 +185,7 @@ def verdict(name: str, gains: list[float]) -> str:
 def _table_row(r: dict) -> dict:
     gain = "" if r["method"] == "plain" or r["gain_mean"] is None else f"{r['gain_mean']:+.2f}"
     return {"rank": r["rank"], "method": r["method"], "top1": f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}",
+            "val top1": f"{r['val_top1_mean']:.2f}" if "val_top1_mean" in r else "-",
             "gain vs plain": gain, "per-seed gain": " ".join(f"{g:+.1f}" for g in r["gains"]) if r["method"] != "plain" else "",
             "verdict": r["verdict"], "train img/s": r["train_img_s"], "test img/s": r["test_img_s"], "params M": r["params_m"]}
 
@@ -181,6 +199,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-per-class", type=int, default=0, help="train on this many images per class (0: all)")
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="hold out this fraction of each training class and record the last epoch's val top-1, for "
+                         "choosing a method's settings on val (0: train on every training image)")
     ap.add_argument("--methods", nargs="+", default=None, choices=tuple(METHODS),
                     help="default: every method the data can train (parts-cub4 only where it has boxes and parts)")
     ap.add_argument("--resume", action="store_true", help="keep the runs of an earlier results file with the same budget")
@@ -190,6 +211,8 @@ def main() -> None:
     data, described = DATASETS[args.data]
     args.methods = _methods_for(args.methods, data, args.train_per_class)
     budget = {k: getattr(args, k) for k in ("data", "epochs", "img_size", "batch_size", "train_per_class")}
+    if args.val_fraction:  # recorded only when used, so the earlier results files keep their budget
+        budget["val_fraction"] = args.val_fraction
     name = args.name or f"methods-{args.data}"
     runs = _earlier_runs(name, budget) if args.resume else []
     payload = {"budget": {**budget, "seeds": args.seeds, "threads": args.threads,
@@ -211,7 +234,7 @@ def main() -> None:
                 payload["ranking"] = rank(runs)
                 write_results(name, payload)
     ranking = rank(runs)
-    print_table([_table_row(r) for r in ranking], COLUMNS)
+    print_table([_table_row(r) for r in ranking], COLUMNS if not args.val_fraction else ["rank", "method", "val top1", *COLUMNS[2:]])
     for n, why in NOT_RUN.items():
         print(f"{n}: not run: {why}")
 
@@ -236,6 +259,7 @@ def _earlier_runs(name: str, budget: dict) -> list[dict]:
         return []
     prev = json.loads(path.read_text())
     same = all(prev["budget"].get(k) == v for k, v in budget.items())
+    same = same and prev["budget"].get("val_fraction", 0.0) == budget.get("val_fraction", 0.0)
     if not same:
         raise SystemExit(f"{path} has another budget ({prev['budget']}); move it away or drop --resume")
     return prev["runs"]

@@ -78,6 +78,7 @@ METHODS = {  # name -> (task, the task's options[, changes to the default recipe
     "plain-head30x": ("supervised", {}, head_rate(30)),
     "fgvc-compact_bilinear-head3x": ("fgvc", COMPACT_BILINEAR, head_rate(3)),
     "fgvc-compact_bilinear-head30x": ("fgvc", COMPACT_BILINEAR, head_rate(30)),
+    "fgvc-compact_bilinear-head100x": ("fgvc", COMPACT_BILINEAR, head_rate(100)),
     "fgvc-bilinear-reduce128": ("fgvc", {"pooling": "bilinear", "reduce_dim": 128}),
     "fgvc-netvlad-reduce128": ("fgvc", {"pooling": "netvlad", "reduce_dim": 128}),
     "fgvc-center-triplet": ("fgvc", {"loss": "ce+center:0.01+triplet:1.0"}),

@@ -52,8 +52,11 @@ DATASETS = {
 COMPACT_BILINEAR = {"pooling": "compact_bilinear", "pool_dim": 2048}
 # Compact bilinear features are L2-normalised (norm 1; Lite0's average-pooled ones have norm ~12 on
 # cub50), so the head needs larger weights for the same logits. The authors first train the
-# classifier alone at a large learning rate (Lin et al. 2015, B-CNN; Gao et al. 2016). HEAD_10X keeps
-# the backbone's learning rate and gives the head 10x: one guess, not tuned
+# classifier alone at a large learning rate (Lin et al. 2015, B-CNN; Gao et al. 2016). head_rate(k)
+# keeps the backbone's learning rate and gives the head k times the default; the -head3x/-head10x/
+# -head30x/-head100x variants choose k on val (--val-fraction; results in methods-cub27-448-val)
+
+
 def head_rate(k: float) -> dict:
     """Recipe changes that give the new layers ``k`` times the default learning rate and keep the backbone's."""
     return {"lr": k * TrainConfig.lr, "backbone_lr_mult": TrainConfig.backbone_lr_mult / k}

@@ -160,11 +160,16 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_write`; returns the path."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8, newlines as given) to ``path`` through :func:`atomic_write`; returns the path."""
-    path = Path(path)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))
-    return path
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_csv_atomic(path: str | os.PathLike, rows) -> Path:

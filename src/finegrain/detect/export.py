@@ -388,7 +388,7 @@ def export_detector_onnx(checkpoint: str | Path, out: str | Path, *, verify_imag
     if not report["ok"]:
         raise ValueError(f"the ONNX export of {path} ({detector}) does not reproduce the eager detections, so nothing was written: "
                          f"{_failure(report, tol)}. Try another --opset, or report this as a bug")
-    ckpt.atomic_write(out, lambda tmp: Path(tmp).write_bytes(blob))
+    ckpt.write_bytes_atomic(out, blob)
     inputs = f"{real} real image(s)" + (f" and {len(images) - real} synthetic" if len(images) > real else "")
     summary = {"checkpoint": str(path), "format": "onnx", "path": str(out), "task": meta.task, "detector": detector, "opset": opset,
                **limits, "export_seconds": round(seconds, 2), "verify_inputs": f"{inputs} of {len(report['sizes'])} sizes", "verify": report}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from finegrain.checkpoint import atomic_write, resolve_checkpoint, write_text_atomic
+from finegrain.checkpoint import resolve_checkpoint, write_bytes_atomic, write_text_atomic
 from finegrain.data.base import ImageList
 from finegrain.data.dataset import check_files
 from finegrain.data.device import eval_batches
@@ -196,7 +196,7 @@ def _save_reliability(calibration: dict, logits: torch.Tensor, temperature: floa
     for when, t in (("before", 1.0), ("after", temperature)):
         conf = (logits / t).softmax(1).max(1).values.numpy()
         png = plots.reliability_diagram(calibration[f"reliability_{when}"], calibration[f"ece_{when}"], conf)
-        atomic_write(out / f"reliability_{when}.png", lambda tmp, b=png: Path(tmp).write_bytes(b))
+        write_bytes_atomic(out / f"reliability_{when}.png", png)
 
 
 def print_summary(metrics: dict, n_pairs: int = 5) -> None:

@@ -18,8 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from finegrain import checkpoint as ckpt
-from finegrain.checkpoint import resolve_checkpoint
+from finegrain.checkpoint import atomic_write, resolve_checkpoint, write_text_atomic
 from finegrain.data.base import open_dataset
 from finegrain.data.dataset import collate, load_rgb
 from finegrain.eval.corruptions import CORRUPTIONS, MAX_SEVERITY, corrupt
@@ -127,7 +126,7 @@ def robustness_eval(
     report["seconds"] = time.perf_counter() - t0
     out = Path(out_dir) if out_dir else path.parent / f"robust-{split}"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text_atomic(out / "robustness.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "robustness.json", json.dumps(report, indent=1))
     if results:
         save_robustness_plot(report, out / "robustness.png")
     report["out_dir"] = str(out)
@@ -240,7 +239,7 @@ def save_robustness_plot(report: dict, path: str | Path) -> None:
     ax.set_title(f"robustness on {report['split']} ({report['n']} images)")
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    ckpt.atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 

@@ -81,7 +81,6 @@ def _cmd_explain(args) -> int:
 
 
 def _cmd_explain_score(args) -> int:
-
     from finegrain.checkpoint import resolve_checkpoint, write_text_atomic
     from finegrain.data.base import open_dataset
     from finegrain.explain.score import localization_scores

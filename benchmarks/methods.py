@@ -262,8 +262,8 @@ def _earlier_runs(name: str, budget: dict) -> list[dict]:
     if not path.is_file():
         return []
     prev = json.loads(path.read_text())
-    same = all(prev["budget"].get(k) == v for k, v in budget.items())
-    same = same and prev["budget"].get("val_fraction", 0.0) == budget.get("val_fraction", 0.0)
+    have = {"val_fraction": 0.0, **prev["budget"]}  # files without the key held out no val split
+    same = all(have.get(k) == v for k, v in {"val_fraction": 0.0, **budget}.items())
     if not same:
         raise SystemExit(f"{path} has another budget ({prev['budget']}); move it away or drop --resume")
     return prev["runs"]

@@ -219,7 +219,8 @@ def main() -> None:
         budget["val_fraction"] = args.val_fraction
     name = args.name or f"methods-{args.data}"
     runs = _earlier_runs(name, budget) if args.resume else []
-    payload = {"budget": {**budget, "seeds": args.seeds, "threads": args.threads,
+    seeds = sorted({*args.seeds, *(r["seed"] for r in runs)})  # a resumed file keeps its earlier seeds
+    payload = {"budget": {**budget, "seeds": seeds, "threads": args.threads,
                           "recipe": "finegrain's default (AdamW, backbone lr x0.1, warmup + cosine, label smoothing 0.1), "
                                     "last epoch tested, fp32 test"},
                "backbone": "efficientnet_lite0 (in1k weights), mean = std = 0.5", "data": described,

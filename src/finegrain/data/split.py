@@ -40,9 +40,9 @@ def save_split(path: Path, images: ImageList, train_idx: list[int], val_idx: lis
         "train": [images.paths[i] for i in train_idx],
         "val": [images.paths[i] for i in val_idx],
     }
-    from finegrain.checkpoint import atomic_write
+    from finegrain.checkpoint import write_text_atomic
 
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def load_split(path: Path, images: ImageList) -> tuple[list[int], list[int]]:

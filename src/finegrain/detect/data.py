@@ -47,12 +47,12 @@ class BoxFixes:
         """List the dropped boxes in ``run_dir/dropped_boxes.txt`` (tab-separated); None when there are none."""
         if not self.dropped:
             return None
-        from finegrain.checkpoint import atomic_write
+        from finegrain.checkpoint import write_text_atomic
 
         lines = ["path\tx0\ty0\tx1\ty1\treason"] + [f"{p}\t" + "\t".join(f"{v:g}" for v in box) + f"\t{why}"
                                                     for p, box, why in self.dropped]
         out = Path(run_dir) / "dropped_boxes.txt"
-        atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        write_text_atomic(out, "\n".join(lines) + "\n")
         return out
 
 

@@ -65,7 +65,7 @@ def evaluate_detection(checkpoint: str | Path, data: str | Path, *, split: str =
                    "images_per_s": len(preds) / max(seconds, 1e-9), "pr_curves": curves})
     out = Path(out_dir) if out_dir else path.parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    ckpt.write_text_atomic(out / "results.json", json.dumps(result, indent=1))
     plot_pr_curves(curves, out / "pr_curves.png")
     if examples:
         save_examples(ds, preds, meta.classes, out / "examples.png", n=examples)

@@ -21,7 +21,7 @@ import yaml
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
-from finegrain.checkpoint import resolve_checkpoint
+from finegrain.checkpoint import resolve_checkpoint, write_text_atomic
 from finegrain.data.base import ImageList
 from finegrain.data.dataset import ImageDataset, collate, load_rgb
 from finegrain.data.split import open_run_split
@@ -163,11 +163,7 @@ def build_report(
 
 def write_page(out: Path, title: str, subtitle: str, sections, *, started: float) -> Path:
     """Write the report page atomically and say where it is, how big and how long it took."""
-    from finegrain.checkpoint import atomic_write
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    html = page(title, subtitle, sections)
-    atomic_write(out, lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
+    write_text_atomic(out, page(title, subtitle, sections))  # makes the folder
     console.print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s)")
     return out
 

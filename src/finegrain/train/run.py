@@ -123,7 +123,7 @@ def _fit(plan: Plan, max_epochs: int | None, on_epoch: Callable[[dict], None] | 
     train_idx, val_idx = _split(run_dir, images, plan, resume=bool(cfg.train.resume))
     if plan.is_main:
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        ckpt.atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        ckpt.write_text_atomic(run_dir / "config.yaml", text)
     model = build_backbone(cfg, len(images.classes), pretrained="none" if cfg.train.resume else None)
     plan = _with_crop(plan.with_model(model))
     task = build_task(cfg, model, len(images.classes), plan.preprocessing)

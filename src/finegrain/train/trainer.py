@@ -420,7 +420,7 @@ def open_job(run_dir: Path, args: dict[str, Any], *, resume: bool) -> bool:
                              f"give the same ones: {json.dumps({k: saved.get(k) for k in diff})}")
         return True
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write(job, lambda tmp: Path(tmp).write_text(json.dumps(args, indent=1)))
+    ckpt.write_text_atomic(job, json.dumps(args, indent=1))
     return False
 
 

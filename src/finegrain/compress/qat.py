@@ -472,42 +472,24 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
         A summary: paths, seconds, how many quantized tensors carry QAT scales, the training
         history and the verification numbers.
     """
-    from finegrain import checkpoint as ckpt_io
     from finegrain.checkpoint import resolve_checkpoint
-    from finegrain.deploy.onnx import (
-        OnnxModel,
-        compare_logits,
-        export_onnx,
-        load_batch,
-        sample_images,
-    )
+    from finegrain.deploy.onnx import OnnxModel, load_batch, sample_images
     from finegrain.predict import Predictor
     from finegrain.utils import resolve_device
 
     ckpt = resolve_checkpoint(checkpoint)
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise ValueError(f"--out must be an .onnx file, got {out}")
-    if not Path(data).exists():
-        raise FileNotFoundError(f"training data {data} does not exist")
-    stem = out.name[: -len(".onnx")].removesuffix(".int8")
-    fp32_path = out.with_name(stem + ".fp32.onnx")
-    ckpt_path = out.with_name(stem + ".safetensors")
-    if ckpt_path.resolve() == ckpt.resolve():
-        raise ValueError(f"{ckpt_path} would overwrite the input checkpoint; choose another --out")
-    dev = resolve_device(device)
+    out, fp32_path, ckpt_path, run_dir = _output_paths(ckpt, out, data)
     original = Predictor.from_checkpoint(ckpt, device="cpu")
-    task = copy.deepcopy(original.task)
-    meta = original.meta
+    settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_train_images": max_train_images,
+                "calib_images": calib_images}
     start = time.perf_counter()
-    run_dir = out.with_name(stem + ".qat-finetune")
     if epochs > 0:
         from finegrain.train.trainer import open_job
 
-        resume = open_job(run_dir, {"checkpoint": str(ckpt), "data": str(data), "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                                    "calib_images": calib_images, "max_train_images": max_train_images}, resume=resume)
-    qat, history = qat_finetune(task, meta, data, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers,
-                                calib_images=calib_images, device=dev, max_train_images=max_train_images, run_dir=run_dir,
+        resume = open_job(run_dir, {"checkpoint": str(ckpt), "data": str(data), **settings}, resume=resume)
+    qat, history = qat_finetune(copy.deepcopy(original.task), original.meta, data, epochs=epochs, lr=lr,
+                                batch_size=batch_size, workers=workers, calib_images=calib_images,
+                                device=resolve_device(device), max_train_images=max_train_images, run_dir=run_dir,
                                 resume=resume, source=ckpt)
     train_seconds = time.perf_counter() - start
     qat = qat.to("cpu").eval()
@@ -515,15 +497,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     simulated = qat.predict(verify).float().numpy()
     params_by_site = qat.activation_qparams()
     sites = qat.site_tensors(verify[:2])
-    # the fine-tuned float task, without fake quantization, is what gets exported and quantized
-    tuned = qat.finalize()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    qat_meta = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_train_images": max_train_images,
-                "calib_images": calib_images, "activation_qparams": {k: list(v) for k, v in params_by_site.items()},
-                "weights": "per-channel symmetric int8 [-127, 127]", "activations": "per-tensor asymmetric uint8"}
-    derived = ckpt_io.derive(meta, "qat", ckpt, details={"epochs": epochs, "lr": lr}, qat=qat_meta)  # no temperature: new weights
-    ckpt_io.save(ckpt_path, tuned.state_dict(), derived)
-    export_onnx(tuned, derived, fp32_path, opset=opset, source=ckpt)
+    _save_tuned(qat.finalize(), original.meta, ckpt, ckpt_path, fp32_path, params_by_site, settings, opset=opset)
 
     start = time.perf_counter()
     report = _quantize_with_qat_scales(fp32_path, out, original, data, calib_images=calib_images, sites=sites,
@@ -538,9 +512,46 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
         "quantized_tensors": report.get("quantized_activations"), "qat_scaled_tensors": report.get("overridden"),
         "calibrated_tensors": report.get("calibrated"),
         "verify_inputs": f"{len(verify)} real images from {data}",
-        "verify": {"int8_vs_eager": compare_logits(eager, int8), "int8_vs_simulated": compare_logits(simulated, int8),
-                   "simulated_vs_eager": compare_logits(eager, simulated)},
+        "verify": _agreement(eager, simulated, int8),
     }
+
+
+def _output_paths(ckpt: Path, out: str | Path, data: str | Path) -> tuple[Path, Path, Path, Path]:
+    """The INT8 model, float model, fine-tuned checkpoint and fine-tune folder for ``out``, checked before any work."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ValueError(f"--out must be an .onnx file, got {out}")
+    if not Path(data).exists():
+        raise FileNotFoundError(f"training data {data} does not exist")
+    stem = out.name[: -len(".onnx")].removesuffix(".int8")
+    fp32_path, ckpt_path = out.with_name(stem + ".fp32.onnx"), out.with_name(stem + ".safetensors")
+    if ckpt_path.resolve() == ckpt.resolve():
+        raise ValueError(f"{ckpt_path} would overwrite the input checkpoint; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, fp32_path, ckpt_path, out.with_name(stem + ".qat-finetune")
+
+
+def _save_tuned(tuned: nn.Module, meta: dict, source: Path, ckpt_path: Path, fp32_path: Path,
+                params_by_site: dict[str, tuple[float, int]], settings: dict[str, Any], *, opset: int) -> None:
+    """Save the fine-tuned float task (no fake quantization: it is what gets exported and quantized) as a derived
+    checkpoint that records its QAT scales, and export it to ONNX fp32."""
+    from finegrain import checkpoint as ckpt_io
+    from finegrain.deploy.onnx import export_onnx
+
+    qat_meta = {**settings, "activation_qparams": {k: list(v) for k, v in params_by_site.items()},
+                "weights": "per-channel symmetric int8 [-127, 127]", "activations": "per-tensor asymmetric uint8"}
+    details = {"epochs": settings["epochs"], "lr": settings["lr"]}
+    derived = ckpt_io.derive(meta, "qat", source, details=details, qat=qat_meta)  # no temperature: new weights
+    ckpt_io.save(ckpt_path, tuned.state_dict(), derived)
+    export_onnx(tuned, derived, fp32_path, opset=opset, source=source)
+
+
+def _agreement(eager: np.ndarray, simulated: np.ndarray, int8: np.ndarray) -> dict[str, Any]:
+    """How closely the INT8 model's logits follow the eager model's and the fake-quantized model's."""
+    from finegrain.deploy.onnx import compare_logits
+
+    return {"int8_vs_eager": compare_logits(eager, int8), "int8_vs_simulated": compare_logits(simulated, int8),
+            "simulated_vs_eager": compare_logits(eager, simulated)}
 
 
 def _quantize_with_qat_scales(fp32_path: Path, out: Path, original, data: str | Path, *, calib_images: int,

@@ -126,15 +126,20 @@ def evaluate(
     metrics.update(open_world_metrics(predictor, logits, feats, labels, unknown=unknown, rollup=rollup, batch_size=batch_size,
                                       workers=workers))
     out = Path(out_dir) if out_dir else path.parent / f"eval-{split}"
+    _write_results(metrics, images.classes, logits, predictor.temperature, out)
+    metrics["out_dir"] = str(out)
+    return metrics
+
+
+def _write_results(metrics: dict, classes: list[str], logits: torch.Tensor, temperature: float, out: Path) -> None:
+    """``results.json``, the per-class and confusion tables and plots (and the reliability plots when calibrated)."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "results.json", json.dumps(metrics, indent=1))
     write_per_class_csv(metrics, out / "per_class.csv")
-    write_confusion_csv(metrics["confusion_matrix"], images.classes, out / "confusion.csv")
-    save_confusion_matrix_png(metrics["confusion_matrix"], images.classes, out / "confusion.png")
+    write_confusion_csv(metrics["confusion_matrix"], classes, out / "confusion.csv")
+    save_confusion_matrix_png(metrics["confusion_matrix"], classes, out / "confusion.png")
     if "calibration" in metrics:
-        _save_reliability(metrics["calibration"], logits, predictor.temperature, out)
-    metrics["out_dir"] = str(out)
-    return metrics
+        _save_reliability(metrics["calibration"], logits, temperature, out)
 
 
 def eval_crops(images: ImageList, prep: dict, *, crop: str | None = None, margin: float | None = None,

@@ -22,6 +22,7 @@ to ``--work-dir`` and are reused by a later run with ``--reuse``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -98,7 +99,7 @@ def _stage(name: str, fn, timings: dict):
     return out
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="trained base / teacher checkpoint")
     ap.add_argument("--data", default=str(SHARED / "flowers12"))
@@ -122,19 +123,15 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", default=None, help="where models are written (default: a temporary folder)")
     ap.add_argument("--reuse", action="store_true", help="reuse trained models found in --work-dir")
     ap.add_argument("--name", default="deploy")
-    args = ap.parse_args(argv)
-    wall = time.perf_counter()
-    tmp = tempfile.TemporaryDirectory() if args.work_dir is None else None
-    work = Path(args.work_dir or tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data)
-    timings: dict[str, float] = {}
-    cache: dict = {}
+    return ap
 
-    from finegrain.cli import main as cli
+
+def _build(args, work: Path, timings: dict) -> dict[str, dict]:
+    """Every deployable model of the table: the base export, QAT, pruned and distilled (each with its exports)."""
     from finegrain.compress.prune import prune_checkpoint
     from finegrain.compress.qat import qat_checkpoint
 
+    data = Path(args.data)
     torch.set_num_threads(args.train_threads)
     export_kw = dict(int8=True, calib_data=data / "train", calib_images=args.calib_images, verify_data=data / "test",
                      verify_images=32)
@@ -153,89 +150,124 @@ def main(argv=None) -> int:
                                                  epochs=args.prune_epochs, lr=args.prune_lr, batch_size=16, workers=1,
                                                  device="cpu"), timings)
     pruned = _stage("export pruned", lambda: export_checkpoint(pruned_ckpt, work / "pruned.onnx", **export_kw), timings)
-    student_ckpt = work / "student" / "best.safetensors"
-    if not (args.reuse and student_ckpt.is_file()):
-        weights = Path(args.student_weights)
-        if args.student == "mobilenetv2_100" and "mobilenet_v2_features" in weights.name:
-            weights = _timm_mobilenetv2_weights(weights, work / "mobilenetv2_100.timm.safetensors")
-        rc = _stage("distill", lambda: cli(["distill", "--teacher", str(args.checkpoint), "--student", args.student,
-                                             "--pretrained", str(weights), "--data", str(data), "--img-size", "224",
-                                             "--epochs", str(args.distill_epochs), "--lr", str(args.distill_lr),
-                                             "--batch-size", "16", "--workers", "1", "--device", "cpu",
-                                             "--out", str(work), "--name", "student"]), timings)
-        if rc != 0:
-            raise RuntimeError(f"finegrain distill exited with {rc}")
+    student_ckpt = _distill(args, work, timings)
     student = _stage("export student", lambda: export_checkpoint(student_ckpt, work / "student.onnx", **export_kw), timings)
+    return {"base": {**base, "checkpoint": args.checkpoint}, "qat": qat, "pruned": {**pruned, "checkpoint": pruned_ckpt},
+            "student": {**student, "checkpoint": student_ckpt}}
 
+
+def _distill(args, work: Path, timings: dict) -> Path:
+    """The distilled student's checkpoint (``finegrain distill``), trained unless ``--reuse`` finds it."""
+    from finegrain.cli import main as cli
+
+    student_ckpt = work / "student" / "best.safetensors"
+    if args.reuse and student_ckpt.is_file():
+        return student_ckpt
+    weights = Path(args.student_weights)
+    if args.student == "mobilenetv2_100" and "mobilenet_v2_features" in weights.name:
+        weights = _timm_mobilenetv2_weights(weights, work / "mobilenetv2_100.timm.safetensors")
+    rc = _stage("distill", lambda: cli(["distill", "--teacher", str(args.checkpoint), "--student", args.student,
+                                         "--pretrained", str(weights), "--data", str(args.data), "--img-size", "224",
+                                         "--epochs", str(args.distill_epochs), "--lr", str(args.distill_lr),
+                                         "--batch-size", "16", "--workers", "1", "--device", "cpu",
+                                         "--out", str(work), "--name", "student"]), timings)
+    if rc != 0:
+        raise RuntimeError(f"finegrain distill exited with {rc}")
+    return student_ckpt
+
+
+def _measure(args, models: dict[str, dict], timings: dict, cache: dict) -> list[dict]:
+    """One row per model: latency, throughput and top-1 on the test split, with speed-ups against eager fp32."""
     torch.set_num_threads(args.threads)
     kw = dict(batch_size=args.batch_size, warmup=args.warmup, iters=args.latency_iters)
-    rows = []
-
-    def add(name: str, what: str, pred: Predictor, run, size_mb: float):
-        images, labels = _test_set(pred, args.data, cache)
-        r = _stage(f"bench {name}", lambda: _bench(run, images, labels, **kw), timings)
-        params = sum(p.numel() for p in pred.task.parameters())
-        rows.append({"model": name, "what": what, **r, "params_m": params / 1e6, "size_mb": size_mb})
-
     teacher = Predictor.from_checkpoint(args.checkpoint, device="cpu")
-    onnx_kw = dict(threads=args.threads)
-    add("eager fp32", "PyTorch eager, the checkpoint", teacher, lambda x: teacher.logits(x).numpy(), _mb(args.checkpoint))
-    add("onnx fp32", "ONNX Runtime", teacher, OnnxModel(base["path"], **onnx_kw).logits, _mb(base["path"]))
-    add("onnx int8 ptq", "static INT8, min/max calibration", teacher, OnnxModel(base["int8_path"], **onnx_kw).logits,
-        _mb(base["int8_path"]))
-    add("onnx int8 qat", "INT8 with QAT scales", teacher, OnnxModel(qat["int8_path"], **onnx_kw).logits, _mb(qat["int8_path"]))
-    p_pred = Predictor.from_checkpoint(pruned_ckpt, device="cpu")
-    add("pruned onnx fp32", f"{args.prune_ratio:.0%} channels pruned", p_pred, OnnxModel(pruned["path"], **onnx_kw).logits,
-        _mb(pruned["path"]))
-    add("pruned onnx int8", "pruned, static INT8", p_pred, OnnxModel(pruned["int8_path"], **onnx_kw).logits,
-        _mb(pruned["int8_path"]))
-    s_pred = Predictor.from_checkpoint(student_ckpt, device="cpu")
-    add("student onnx fp32", f"{args.student} distilled", s_pred, OnnxModel(student["path"], **onnx_kw).logits,
-        _mb(student["path"]))
-    add("student onnx int8", "student, static INT8", s_pred, OnnxModel(student["int8_path"], **onnx_kw).logits,
-        _mb(student["int8_path"]))
-
+    pruned = Predictor.from_checkpoint(models["pruned"]["checkpoint"], device="cpu")
+    student = Predictor.from_checkpoint(models["student"]["checkpoint"], device="cpu")
+    base, qat = models["base"], models["qat"]
+    table = [  # name, what, predictor (preprocessing, classes, parameters), ONNX file or None for eager
+        ("eager fp32", "PyTorch eager, the checkpoint", teacher, None),
+        ("onnx fp32", "ONNX Runtime", teacher, base["path"]),
+        ("onnx int8 ptq", "static INT8, min/max calibration", teacher, base["int8_path"]),
+        ("onnx int8 qat", "INT8 with QAT scales", teacher, qat["int8_path"]),
+        ("pruned onnx fp32", f"{args.prune_ratio:.0%} channels pruned", pruned, models["pruned"]["path"]),
+        ("pruned onnx int8", "pruned, static INT8", pruned, models["pruned"]["int8_path"]),
+        ("student onnx fp32", f"{args.student} distilled", student, models["student"]["path"]),
+        ("student onnx int8", "student, static INT8", student, models["student"]["int8_path"]),
+    ]
+    rows = []
+    for name, what, pred, onnx_path in table:
+        run = (lambda x: teacher.logits(x).numpy()) if onnx_path is None else OnnxModel(onnx_path, threads=args.threads).logits
+        images, labels = _test_set(pred, args.data, cache)
+        r = _stage(f"bench {name}", functools.partial(_bench, run, images, labels, **kw), timings)
+        params = sum(p.numel() for p in pred.task.parameters())
+        rows.append({"model": name, "what": what, **r, "params_m": params / 1e6,
+                     "size_mb": _mb(args.checkpoint if onnx_path is None else onnx_path)})
     ref = rows[0]
     for r in rows:
         r["speedup_p50"] = ref["p50_ms"] / r["p50_ms"]
         r["speedup_throughput"] = r["throughput_img_s"] / ref["throughput_img_s"]
         r["top1_delta"] = r["top1"] - ref["top1"]
-    print_table(rows, ["model", "p50_ms", "p95_ms", "throughput_img_s", "top1", "top1_delta", "speedup_p50",
-                       "params_m", "size_mb"])
+    return rows
+
+
+def _targets(rows: list[dict]) -> dict[str, dict[str, bool]]:
+    """The INT8 rows against the target: at least 2x faster than eager fp32, top-1 within 1 point."""
     by = {r["model"]: r for r in rows}
-    target = {}
-    for name in ("onnx int8 ptq", "onnx int8 qat"):
-        r = by[name]
-        target[name] = {"at_least_2x_faster_p50": r["speedup_p50"] >= 2, "at_least_2x_throughput": r["speedup_throughput"] >= 2,
-                        "top1_drop_at_most_1_point": r["top1_delta"] >= -1, "top1_within_1_point_either_way": abs(r["top1_delta"]) <= 1}
-    print(f"target (INT8 >= 2x faster than eager fp32, top-1 within 1 point): {json.dumps(target)}")
-    total = round(time.perf_counter() - wall, 1)
-    print(f"total wall time {total} s")
-    student_meta = s_pred.meta
-    path = write_results(args.name, {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "checkpoint": str(args.checkpoint), "data": args.data, "test_images": len(_test_set(teacher, args.data, cache)[1]),
-        "img_size": teacher.meta["preprocessing"]["img_size"], "backbone": teacher.meta["model"]["backbone"],
-        "budget": {"threads": args.threads, "train_threads": args.train_threads, "batch_size": args.batch_size,
-                   "latency_iters": args.latency_iters, "warmup": args.warmup, "calib_images": args.calib_images,
-                   "qat": {"epochs": args.qat_epochs, "train_images": args.qat_images, "lr": args.qat_lr, "batch_size": 16},
-                   "prune": {"ratio": args.prune_ratio, "epochs": args.prune_epochs, "lr": args.prune_lr,
-                             "train_images": "all (train split)", "batch_size": 16},
-                   "distill": {"student": args.student, "student_init": str(args.student_weights),
-                               "epochs": args.distill_epochs, "lr": args.distill_lr, "batch_size": 16,
-                               "img_size": student_meta["preprocessing"]["img_size"],
-                               "val_fraction": student_meta.get("config", {}).get("data", {}).get("val_fraction")},
-                   "stage_seconds": timings, "total_wall_seconds": total},
-        "verify": {"base": base["verify"], "qat": qat["verify"], "pruned": pruned["verify"], "student": student["verify"]},
-        "qat": {k: qat[k] for k in ("quantized_tensors", "qat_scaled_tensors", "calibrated_tensors", "train_seconds", "history")},
-        "rows": rows, "target": target,
-        "note": "CPU shared with other engineers' jobs while measuring; timings are noisy. Speedups and top-1 deltas are "
-                "against eager fp32 of the base checkpoint. The pruned and distilled models are trained here with the "
-                "budgets above; INT8 rows of pruned/student are PTQ.",
-    })
+    return {name: {"at_least_2x_faster_p50": by[name]["speedup_p50"] >= 2,
+                   "at_least_2x_throughput": by[name]["speedup_throughput"] >= 2,
+                   "top1_drop_at_most_1_point": by[name]["top1_delta"] >= -1,
+                   "top1_within_1_point_either_way": abs(by[name]["top1_delta"]) <= 1}
+            for name in ("onnx int8 ptq", "onnx int8 qat")}
+
+
+def _budget(args, student_meta: dict, timings: dict, total: float) -> dict:
+    """Every setting that decides the table, with the seconds each stage took."""
+    return {"threads": args.threads, "train_threads": args.train_threads, "batch_size": args.batch_size,
+            "latency_iters": args.latency_iters, "warmup": args.warmup, "calib_images": args.calib_images,
+            "qat": {"epochs": args.qat_epochs, "train_images": args.qat_images, "lr": args.qat_lr, "batch_size": 16},
+            "prune": {"ratio": args.prune_ratio, "epochs": args.prune_epochs, "lr": args.prune_lr,
+                      "train_images": "all (train split)", "batch_size": 16},
+            "distill": {"student": args.student, "student_init": str(args.student_weights),
+                        "epochs": args.distill_epochs, "lr": args.distill_lr, "batch_size": 16,
+                        "img_size": student_meta["preprocessing"]["img_size"],
+                        "val_fraction": student_meta.get("config", {}).get("data", {}).get("val_fraction")},
+            "stage_seconds": timings, "total_wall_seconds": total}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    wall = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        timings: dict[str, float] = {}
+        cache: dict = {}
+        models = _build(args, work, timings)
+        rows = _measure(args, models, timings, cache)
+        print_table(rows, ["model", "p50_ms", "p95_ms", "throughput_img_s", "top1", "top1_delta", "speedup_p50",
+                           "params_m", "size_mb"])
+        target = _targets(rows)
+        print(f"target (INT8 >= 2x faster than eager fp32, top-1 within 1 point): {json.dumps(target)}")
+        total = round(time.perf_counter() - wall, 1)
+        print(f"total wall time {total} s")
+        teacher = Predictor.from_checkpoint(args.checkpoint, device="cpu")
+        student_meta = Predictor.from_checkpoint(models["student"]["checkpoint"], device="cpu").meta
+        qat = models["qat"]
+        path = write_results(args.name, {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "checkpoint": str(args.checkpoint), "data": args.data,
+            "test_images": len(_test_set(teacher, args.data, cache)[1]),
+            "img_size": teacher.meta["preprocessing"]["img_size"], "backbone": teacher.meta["model"]["backbone"],
+            "budget": _budget(args, student_meta, timings, total),
+            "verify": {k: models[k]["verify"] for k in ("base", "qat", "pruned", "student")},
+            "qat": {k: qat[k] for k in ("quantized_tensors", "qat_scaled_tensors", "calibrated_tensors", "train_seconds",
+                                        "history")},
+            "rows": rows, "target": target,
+            "note": "CPU shared with other engineers' jobs while measuring; timings are noisy. Speedups and top-1 deltas "
+                    "are against eager fp32 of the base checkpoint. The pruned and distilled models are trained here "
+                    "with the budgets above; INT8 rows of pruned/student are PTQ.",
+        })
     print(f"wrote {path}")
-    if tmp is not None:
-        tmp.cleanup()
     return 0
 
 

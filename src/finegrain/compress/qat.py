@@ -479,6 +479,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
 
     ckpt = resolve_checkpoint(checkpoint)
     out, fp32_path, ckpt_path, run_dir = _output_paths(ckpt, out, data)
+    dev = resolve_device(device)  # a bad --device fails before the fine-tune's folder is made
     original = Predictor.from_checkpoint(ckpt, device="cpu")
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_train_images": max_train_images,
                 "calib_images": calib_images}
@@ -489,7 +490,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
         resume = open_job(run_dir, {"checkpoint": str(ckpt), "data": str(data), **settings}, resume=resume)
     qat, history = qat_finetune(copy.deepcopy(original.task), original.meta, data, epochs=epochs, lr=lr,
                                 batch_size=batch_size, workers=workers, calib_images=calib_images,
-                                device=resolve_device(device), max_train_images=max_train_images, run_dir=run_dir,
+                                device=dev, max_train_images=max_train_images, run_dir=run_dir,
                                 resume=resume, source=ckpt)
     train_seconds = time.perf_counter() - start
     qat = qat.to("cpu").eval()
@@ -497,6 +498,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     simulated = qat.predict(verify).float().numpy()
     params_by_site = qat.activation_qparams()
     sites = qat.site_tensors(verify[:2])
+    out.parent.mkdir(parents=True, exist_ok=True)
     _save_tuned(qat.finalize(), original.meta, ckpt, ckpt_path, fp32_path, params_by_site, settings, opset=opset)
 
     start = time.perf_counter()
@@ -527,7 +529,6 @@ def _output_paths(ckpt: Path, out: str | Path, data: str | Path) -> tuple[Path, 
     fp32_path, ckpt_path = out.with_name(stem + ".fp32.onnx"), out.with_name(stem + ".safetensors")
     if ckpt_path.resolve() == ckpt.resolve():
         raise ValueError(f"{ckpt_path} would overwrite the input checkpoint; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
     return out, fp32_path, ckpt_path, out.with_name(stem + ".qat-finetune")
 
 

@@ -498,7 +498,6 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
     simulated = qat.predict(verify).float().numpy()
     params_by_site = qat.activation_qparams()
     sites = qat.site_tensors(verify[:2])
-    out.parent.mkdir(parents=True, exist_ok=True)
     _save_tuned(qat.finalize(), original.meta, ckpt, ckpt_path, fp32_path, params_by_site, settings, opset=opset)
 
     start = time.perf_counter()
@@ -561,6 +560,7 @@ def _quantize_with_qat_scales(fp32_path: Path, out: Path, original, data: str | 
     """INT8 ONNX of ``fp32_path`` whose activation scales are the QAT ones (min/max calibration for the rest); its report."""
     import onnx
 
+    from finegrain.checkpoint import atomic_write
     from finegrain.deploy.onnx import _set_metadata, export_metadata, load_batch, quantize_int8, sample_images
 
     def overrides(prepared: Path):
@@ -573,7 +573,7 @@ def _quantize_with_qat_scales(fp32_path: Path, out: Path, original, data: str | 
     q = onnx.load(str(out))
     _set_metadata(q, {**export_metadata(original.meta, source), "quantization": "int8-qat-qdq-per-channel",
                       "qat_tensors": str(report.get("overridden", 0))})
-    onnx.save(q, str(out))
+    atomic_write(out, lambda tmp: onnx.save(q, tmp, format="protobuf"))  # replaces quantize_int8's file whole
     return report
 
 

@@ -176,13 +176,11 @@ def _distill(args, work: Path, timings: dict) -> Path:
     return student_ckpt
 
 
-def _measure(args, models: dict[str, dict], timings: dict, cache: dict) -> list[dict]:
+def _measure(args, models: dict[str, dict], preds: dict[str, Predictor], timings: dict, cache: dict) -> list[dict]:
     """One row per model: latency, throughput and top-1 on the test split, with speed-ups against eager fp32."""
     torch.set_num_threads(args.threads)
     kw = dict(batch_size=args.batch_size, warmup=args.warmup, iters=args.latency_iters)
-    teacher = Predictor.from_checkpoint(args.checkpoint, device="cpu")
-    pruned = Predictor.from_checkpoint(models["pruned"]["checkpoint"], device="cpu")
-    student = Predictor.from_checkpoint(models["student"]["checkpoint"], device="cpu")
+    teacher, pruned, student = preds["base"], preds["pruned"], preds["student"]
     base, qat = models["base"], models["qat"]
     table = [  # name, what, predictor (preprocessing, classes, parameters), ONNX file or None for eager
         ("eager fp32", "PyTorch eager, the checkpoint", teacher, None),
@@ -243,22 +241,21 @@ def main(argv=None) -> int:
         timings: dict[str, float] = {}
         cache: dict = {}
         models = _build(args, work, timings)
-        rows = _measure(args, models, timings, cache)
+        preds = {k: Predictor.from_checkpoint(models[k]["checkpoint"], device="cpu") for k in ("base", "pruned", "student")}
+        rows = _measure(args, models, preds, timings, cache)
         print_table(rows, ["model", "p50_ms", "p95_ms", "throughput_img_s", "top1", "top1_delta", "speedup_p50",
                            "params_m", "size_mb"])
         target = _targets(rows)
         print(f"target (INT8 >= 2x faster than eager fp32, top-1 within 1 point): {json.dumps(target)}")
         total = round(time.perf_counter() - wall, 1)
         print(f"total wall time {total} s")
-        teacher = Predictor.from_checkpoint(args.checkpoint, device="cpu")
-        student_meta = Predictor.from_checkpoint(models["student"]["checkpoint"], device="cpu").meta
-        qat = models["qat"]
+        teacher, qat = preds["base"], models["qat"]
         path = write_results(args.name, {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "checkpoint": str(args.checkpoint), "data": args.data,
             "test_images": len(_test_set(teacher, args.data, cache)[1]),
             "img_size": teacher.meta["preprocessing"]["img_size"], "backbone": teacher.meta["model"]["backbone"],
-            "budget": _budget(args, student_meta, timings, total),
+            "budget": _budget(args, preds["student"].meta, timings, total),
             "verify": {k: models[k]["verify"] for k in ("base", "qat", "pruned", "student")},
             "qat": {k: qat[k] for k in ("quantized_tensors", "qat_scaled_tensors", "calibrated_tensors", "train_seconds",
                                         "history")},

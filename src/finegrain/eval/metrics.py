@@ -161,12 +161,7 @@ def metrics_from_counts(
     if isinstance(n_confused, bool) or not isinstance(n_confused, (int, np.integer)) or n_confused < 0:
         raise ValueError(f"n_confused must be a non-negative integer, got {n_confused!r}")
     n = int(cm.sum())
-    if n == 0:
-        raise ValueError("no samples to evaluate (N=0)")
-    ks = _check_topk(list(topk_correct))
-    for k in ks:
-        if not 0 <= int(topk_correct[k]) <= n:
-            raise ValueError(f"top-{k} correct count {topk_correct[k]} is outside [0, N={n}]")
+    ks = _check_topk_counts(topk_correct, n)
 
     tp = np.diag(cm)
     support = cm.sum(axis=1)
@@ -199,14 +194,31 @@ def metrics_from_counts(
         for i in range(num_classes)
     ]
     out["confusion_matrix"] = cm.tolist()
+    out["most_confused"] = _most_confused(cm, names, n_confused)
+    return out
 
+
+def _check_topk_counts(topk_correct: Mapping[int, int], n: int) -> list[int]:
+    """The k's of ``topk_correct``, checked, after checking each count lies in [0, n] and n > 0."""
+    if n == 0:
+        raise ValueError("no samples to evaluate (N=0)")
+    ks = _check_topk(list(topk_correct))
+    for k in ks:
+        if not 0 <= int(topk_correct[k]) <= n:
+            raise ValueError(f"top-{k} correct count {topk_correct[k]} is outside [0, N={n}]")
+    return ks
+
+
+def _most_confused(cm: np.ndarray, names: Sequence[str], limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` largest off-diagonal cells of ``cm``, each with its rate within the true class."""
     off = cm.copy()
     np.fill_diagonal(off, 0)
     true_idx, pred_idx = np.nonzero(off)
     counts = off[true_idx, pred_idx]
+    support = cm.sum(axis=1)
     # Count descending, then by (true, predicted) index so the order is reproducible.
-    order = np.lexsort((pred_idx, true_idx, -counts))[:n_confused]
-    out["most_confused"] = [
+    order = np.lexsort((pred_idx, true_idx, -counts))[:limit]
+    return [
         {
             "true": names[true_idx[j]],
             "predicted": names[pred_idx[j]],
@@ -215,7 +227,6 @@ def metrics_from_counts(
         }
         for j in order
     ]
-    return out
 
 
 class MetricAccumulator:

@@ -23,7 +23,7 @@ from finegrain.tasks.base import TASKS, BuildContext, Task, TaskOptions, option
 class FGVCOptions(TaskOptions):
     attention: str = option("none", "attention on the last feature map: none, se, cbam, dual, deform", flag="attention")
     pooling: str = option("avg", "global pooling: avg, bilinear, compact_bilinear, netvlad (compact_bilinear, L2-normalised, "
-                          "trained best with a 10-30x head rate, e.g. --lr 0.05 --backbone-lr-mult 0.01: see the README)",
+                          "trained best with a 10-30x head rate, e.g. --lr 0.05 --backbone-lr-mult 0.01: see benchmarks/RESULTS.md)",
                           flag="pooling")
     loss: str = option("ce", "loss terms name[:weight] joined by '+': ce, focal, center, triplet; e.g. ce+center:0.01+triplet:1.0",
                        flag="loss")

@@ -199,7 +199,7 @@ def metrics_from_counts(
 
 
 def _check_topk_counts(topk_correct: Mapping[int, int], n: int) -> list[int]:
-    """The k's of ``topk_correct``, checked, after checking each count lies in [0, n] and n > 0."""
+    """Check that n > 0 and that each top-k count lies in [0, n]; return the checked k's."""
     if n == 0:
         raise ValueError("no samples to evaluate (N=0)")
     ks = _check_topk(list(topk_correct))

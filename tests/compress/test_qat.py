@@ -26,6 +26,7 @@ from finegrain.compress.qat import (  # noqa: E402
     weight_qparams,
 )
 from finegrain.deploy.onnx import OnnxModel  # noqa: E402
+from finegrain.eval.calibration import temperature_of  # noqa: E402
 from finegrain.models.backbone import create_backbone  # noqa: E402
 from finegrain.predict import Predictor  # noqa: E402
 from finegrain.tasks import build_task  # noqa: E402
@@ -162,6 +163,12 @@ def test_qat_int8_export_uses_qat_scales_and_agrees_with_eager(trained_run, tmp_
     assert dq and np.allclose(init[dq[0].input[1]], weight_qparams(w)[0].numpy(), rtol=1e-6)
     meta = {p.key: p.value for p in q.metadata_props}
     assert meta["quantization"] == "int8-qat-qdq-per-channel" and "classes" in meta
+    # the INT8 graph is the fine-tuned float one, which applies no temperature: its metadata must not claim the
+    # original checkpoint's (the fixture's run is calibrated, so the two differ)
+    assert temperature_of(Predictor.from_checkpoint(result.best_checkpoint, device="cpu").meta) != 1.0
+    fp32_meta = {p.key: p.value for p in onnx.load(s["fp32_path"]).metadata_props}
+    assert meta["temperature"] == fp32_meta["temperature"] == str(temperature_of(tuned.meta)) == "1.0"
+    assert {k: meta.get(k) for k in fp32_meta} == fp32_meta  # every float-model key kept, with its value
     # the fine-tuned checkpoint is a normal one, and the float ONNX beside it is that model
     x = torch.randn(3, 3, 32, 32)
     assert np.abs(OnnxModel(s["fp32_path"]).logits(x) - tuned.logits(x).numpy()).max() < 1e-4

@@ -502,7 +502,7 @@ def qat_checkpoint(checkpoint: str | Path, out: str | Path, data: str | Path, *,
 
     start = time.perf_counter()
     report = _quantize_with_qat_scales(fp32_path, out, original, data, calib_images=calib_images, sites=sites,
-                                       site_inputs=verify[:2], params_by_site=params_by_site, source=ckpt)
+                                       site_inputs=verify[:2], params_by_site=params_by_site)
     quantize_seconds = time.perf_counter() - start
     int8 = OnnxModel(out).logits(verify)
     eager = (original.logits(verify) * original.temperature).numpy()  # unscaled, like the exports of the derived weights
@@ -556,12 +556,16 @@ def _agreement(eager: np.ndarray, simulated: np.ndarray, int8: np.ndarray) -> di
 
 def _quantize_with_qat_scales(fp32_path: Path, out: Path, original, data: str | Path, *, calib_images: int,
                               sites: dict[str, torch.Tensor], site_inputs: torch.Tensor,
-                              params_by_site: dict[str, tuple[float, int]], source: Path) -> dict[str, Any]:
-    """INT8 ONNX of ``fp32_path`` whose activation scales are the QAT ones (min/max calibration for the rest); its report."""
+                              params_by_site: dict[str, tuple[float, int]]) -> dict[str, Any]:
+    """INT8 ONNX of ``fp32_path`` whose activation scales are the QAT ones (min/max calibration for the rest); its report.
+
+    The INT8 model keeps the float model's metadata (the fine-tuned checkpoint's: no temperature, as its graph applies
+    none) and says it was quantized with QAT scales.
+    """
     import onnx
 
     from finegrain.checkpoint import atomic_write
-    from finegrain.deploy.onnx import _set_metadata, export_metadata, load_batch, quantize_int8, sample_images
+    from finegrain.deploy.onnx import _set_metadata, load_batch, quantize_int8, sample_images
 
     def overrides(prepared: Path):
         matches = match_onnx_tensors(prepared, sites, site_inputs)
@@ -571,8 +575,7 @@ def _quantize_with_qat_scales(fp32_path: Path, out: Path, original, data: str | 
     report: dict[str, Any] = {}
     quantize_int8(fp32_path, out, calib, tensor_overrides=overrides, report=report)
     q = onnx.load(str(out))
-    _set_metadata(q, {**export_metadata(original.meta, source), "quantization": "int8-qat-qdq-per-channel",
-                      "qat_tensors": str(report.get("overridden", 0))})
+    _set_metadata(q, {"quantization": "int8-qat-qdq-per-channel", "qat_tensors": str(report.get("overridden", 0))})
     atomic_write(out, lambda tmp: onnx.save(q, tmp, format="protobuf"))  # replaces quantize_int8's file whole
     return report
 
